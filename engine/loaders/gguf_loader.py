@@ -1,0 +1,122 @@
+"""Read a llama-architecture GGUF file: config from its metadata, tensors dequantized to float32
+with the `gguf` package and renamed to Hugging Face keys, Q/K rows un-permuted.
+
+llama.cpp's converter permutes q_proj/k_proj rows so RoPE can rotate adjacent pairs; Hugging Face
+rotates halves. `_unpermute` restores the HF order so the same RoPE code serves both sources.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.config import ModelConfig, RopeConfig
+from engine.errors import ModelLoadError
+
+LAYER_KEYS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+TOP_KEYS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def open_gguf(path: Path) -> Any:
+    import gguf
+
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: GGUF file not found")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError, struct.error, IndexError...
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
+
+
+def field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def gguf_config(reader: Any) -> ModelConfig:
+    arch = field(reader, "general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"GGUF architecture {arch!r} unsupported (only llama)")
+
+    def need(key: str) -> Any:
+        value = field(reader, f"llama.{key}")
+        if value is None:
+            raise ModelLoadError(f"GGUF metadata is missing llama.{key}")
+        return value
+
+    num_layers = int(need("block_count"))
+    hidden = int(need("embedding_length"))
+    num_heads = int(need("attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    vocab = field(reader, "llama.vocab_size") or len(field(reader, "tokenizer.ggml.tokens", []))
+    eos = field(reader, "tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        family="llama",
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=int(field(reader, "llama.attention.head_count_kv", num_heads)),
+        head_dim=int(field(reader, "llama.rope.dimension_count", hidden // num_heads)),
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope=RopeConfig(theta=float(field(reader, "llama.rope.freq_base", 10000.0))),
+        max_position_embeddings=int(need("context_length")),
+        exits=(num_layers - 1,),
+        default_exit=num_layers - 1,
+        tie_word_embeddings="output.weight" not in names,
+        shared_heads=True,
+        bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=(int(eos),) if eos is not None else (),
+    )
+
+
+def _unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's rotary row permutation of a [heads*D, hidden] projection."""
+    rows = w.shape[0]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(reader: Any, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """float32 tensors by Hugging Face key."""
+    from gguf.quants import dequantize
+
+    out: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        base, _, kind = t.name.rpartition(".")
+        if base.startswith("blk."):
+            _, idx, part = base.split(".", 2)
+            if part not in LAYER_KEYS:
+                raise ModelLoadError(f"GGUF tensor {t.name!r} unknown")
+            key = f"model.layers.{idx}.{LAYER_KEYS[part]}.{kind}"
+        elif base in TOP_KEYS:
+            key = f"{TOP_KEYS[base]}.{kind}"
+        else:
+            raise ModelLoadError(f"GGUF tensor {t.name!r} unknown")
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
+        try:
+            array = dequantize(t.data, t.tensor_type).reshape(shape)
+        except (ValueError, NotImplementedError) as exc:
+            raise ModelLoadError(f"GGUF tensor {t.name!r}: cannot dequantize ({exc})") from exc
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))  # owned, writable
+        if key.endswith("q_proj.weight"):
+            tensor = _unpermute(tensor, config.num_heads)
+        elif key.endswith("k_proj.weight"):
+            tensor = _unpermute(tensor, config.num_kv_heads)
+        out[key] = tensor
+    return out

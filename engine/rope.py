@@ -1,0 +1,62 @@
+"""Rotary position embeddings: cos/sin tables computed in float32 exactly as Hugging Face does,
+cached per model and grown on demand."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.config import RopeConfig
+
+
+def inv_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """[head_dim/2] float32 inverse frequencies, with linear or llama3 scaling applied."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (rope.theta**exponent)
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RopeTable:
+    """cos/sin [max_len, head_dim] in the activation dtype; rows are gathered by position."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, dtype: torch.dtype, size: int = 4096):
+        self.inv_freq = inv_frequencies(rope, head_dim)  # [D/2] float32
+        self.dtype = dtype
+        self._build(size)
+
+    def _build(self, size: int) -> None:
+        positions = torch.arange(size, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq)  # [size, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [size, D] (rotate_half layout)
+        self.cos = emb.cos().to(self.dtype)
+        self.sin = emb.sin().to(self.dtype)
+
+    def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N] int64 -> (cos, sin) each [N, D]."""
+        need = int(positions.max()) + 1
+        if need > self.cos.shape[0]:
+            self._build(max(need, 2 * self.cos.shape[0]))
+        return self.cos[positions], self.sin[positions]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, D]; cos/sin [N, D]. Same arithmetic as HF `apply_rotary_pos_emb`."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
