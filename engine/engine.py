@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import torch
 
 from engine.checkpoint import LoadedModel
-from engine.errors import InvalidRequest, Overloaded
+from engine.errors import HandoffError, InvalidRequest, Overloaded
+from engine.handoff import MODES, HandoffState, decode_state, encode_state
 from engine.model import Work
 from engine.sampling import SamplingParams, draw, process_row
 from engine.sequence import Confidence, Sequence, Status, TokenEvent
@@ -179,6 +180,67 @@ class Engine:
         else:
             self.model.switch_exit(seq.cache, seq.exit, exit_layer)
         seq.exit = exit_layer
+
+    # -- handoff ------------------------------------------------------------------------------
+    def export_state(self, seq_id: str, mode: str = "hidden", release: bool = True) -> bytes:
+        """Serialise a running sequence; by default it leaves this engine (it moves)."""
+        if mode not in MODES:
+            raise InvalidRequest(f"handoff mode {mode!r} unknown (choose from {MODES})")
+        seq = self._get(seq_id)
+        if mode == "hidden" and seq.status is not Status.RUNNING:
+            raise InvalidRequest(f"sequence {seq_id!r} is still prefilling; use tokens mode")
+        t = seq.cache.length
+        state = HandoffState(
+            mode=mode, fingerprint=self.loaded.fingerprint, exit=seq.exit,
+            token_ids=list(seq.token_ids), num_prompt_tokens=seq.num_prompt_tokens,
+            params=seq.params, seed=seq.seed, num_emitted_chars=seq.num_emitted_chars,
+            rng=seq.rng_state(), boundary=None, trunk_kv=[],
+        )
+        if mode == "hidden":
+            state.boundary = seq.cache.boundary[seq.exit][:t]
+            state.trunk_kv = [(k[:, :t], v[:, :t]) for k, v in
+                              (seq.cache.trunk[i] for i in range(seq.exit))]
+        data = encode_state(state, self.model.dtype)
+        if release:
+            self._release(seq)
+        return data
+
+    def import_state(self, data: bytes, exit_layer: int | None = None, seq_id: str | None = None) -> str:
+        """Resume an exported sequence here, at its exit or (hidden mode) a deeper one."""
+        c = self.config
+        state = decode_state(
+            data, fingerprint=self.loaded.fingerprint, exits=c.exits, vocab_size=c.vocab_size,
+            max_context=self.max_context, hidden_size=c.hidden_size, num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+        )
+        target = state.exit if exit_layer is None else exit_layer
+        c.check_exit(target)
+        if state.mode == "hidden" and target < state.exit:
+            raise HandoffError(
+                f"a hidden-state handoff from exit {state.exit} can only resume at that exit or deeper"
+                f" (asked {target}); use tokens mode"
+            )
+        seq = self._new_sequence(seq_id, state.token_ids, state.num_prompt_tokens, target, state.params)
+        seq.generator.set_state(state.rng)
+        seq.seed = state.seed
+        for token in seq.generated_ids:
+            seq.text += seq.stream.push(token)
+        seq.num_emitted_chars = min(state.num_emitted_chars, len(seq.text))
+        if state.mode == "hidden":
+            self._restore_cache(seq, state)
+        self._admit(seq)
+        return seq.id
+
+    def _restore_cache(self, seq: Sequence, state: HandoffState) -> None:
+        cache, t, dtype = seq.cache, state.num_cached, self.model.dtype
+        cache.reserve(t)
+        for i, (k, v) in enumerate(state.trunk_kv):
+            k_buf, v_buf = cache.trunk_kv(i)
+            k_buf[:, :t] = k.to(dtype)
+            v_buf[:, :t] = v.to(dtype)
+        cache.boundary_buf(state.exit)[:t] = state.boundary.to(dtype)
+        cache.length = t
+        self.model.switch_exit(cache, state.exit, seq.exit)
 
     def _get(self, seq_id: str) -> Sequence:
         seq = self.sequences.get(seq_id)

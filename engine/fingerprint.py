@@ -27,6 +27,6 @@ def fingerprint(config: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> str
         digest.update(f"{name}:{tuple(t.shape)};".encode())
         flat = t.reshape(-1)
         if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, SAMPLES_PER_TENSOR).long()
+            idx = torch.arange(SAMPLES_PER_TENSOR) * (flat.numel() - 1) // (SAMPLES_PER_TENSOR - 1)
             digest.update(flat[idx].float().numpy().tobytes())
     return digest.hexdigest()[:FINGERPRINT_CHARS]

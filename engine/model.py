@@ -130,8 +130,10 @@ class FamilyModel:
         boundary states; shallower fills only the new branch layer's KV."""
         self.config.check_exit(to_exit)
         length = cache.length
-        if to_exit == from_exit or length == 0:
+        if length == 0:
             cache.drop_above(to_exit)
+            return
+        if to_exit == from_exit and to_exit in cache.branch:
             return
         start_exit = min(from_exit, to_exit)
         if start_exit not in cache.boundary:
@@ -139,7 +141,7 @@ class FamilyModel:
         h = cache.boundary[start_exit][:length]
         seg = [Segment(0, length, 0)]
         cos, sin = self.rope.gather(torch.arange(length))
-        for i in range(from_exit, to_exit):  # empty when moving shallower
+        for i in range(from_exit, to_exit):  # empty unless moving deeper
             if i in self.config.exits and i != from_exit:
                 cache.boundary_buf(i)[:length] = h
             h = decoder_layer(self.layers[i], h, self.geo, cos, sin, seg, [cache.trunk_kv(i)])

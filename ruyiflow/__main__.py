@@ -1,0 +1,7 @@
+"""`python -m ruyiflow`."""
+
+import sys
+
+from ruyiflow.cli import main
+
+sys.exit(main())
