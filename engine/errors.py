@@ -1,6 +1,7 @@
 """Domain exceptions shared by the engine, the nodes and the router.
 
-Each maps to one gRPC status code in one place (`STATUS_BY_ERROR`), so servicers never choose codes.
+Each maps to one gRPC status code in one place (`router/errors.py`), so servicers never choose
+codes; the engine itself does not import grpc.
 """
 
 from __future__ import annotations
@@ -32,22 +33,3 @@ class Overloaded(RuyiflowError):
 
 class NodeUnavailable(RuyiflowError):
     """The node is draining, stopping or not ready."""
-
-
-# Names, not grpc objects, so the engine does not import grpc.
-STATUS_BY_ERROR: dict[type[Exception], str] = {
-    HandoffError: "INVALID_ARGUMENT",
-    InvalidRequest: "INVALID_ARGUMENT",
-    ModelLoadError: "FAILED_PRECONDITION",
-    ModelMismatch: "FAILED_PRECONDITION",
-    Overloaded: "RESOURCE_EXHAUSTED",
-    NodeUnavailable: "UNAVAILABLE",
-}
-
-
-def status_name(exc: BaseException) -> str:
-    """gRPC status code name for an exception (INTERNAL for anything unexpected)."""
-    for cls in type(exc).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]
-    return "INTERNAL"

@@ -1,0 +1,221 @@
+"""Prometheus metrics of the router, on a private registry, served over HTTP at `/metrics`.
+
+Every name starts with `ruyiflow_router_`. Label values come from closed sets (tiers, modes,
+reasons, outcomes) or from the topology (node names, exits), and anything else is refused with
+ValueError, so cardinality stays bounded. The router calls the `observe_*` methods; nothing here
+knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.exposition import generate_latest
+
+from router.topology import TIERS
+from router.units import parse_address
+
+PREFIX = "ruyiflow_router_"
+OUTCOMES = ("ok", "invalid", "unavailable", "overloaded", "cancelled", "error")
+MODES = ("hidden", "tokens")  # a branch switch on one node is an escalation, not a handoff
+REASONS = ("low_confidence", "forced", "node_failure", "drain")
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+INTER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+BYTES_BUCKETS = tuple(float(4**k) for k in range(5, 16))  # 1 KiB .. 1 GiB
+SCORE_BUCKETS = tuple(round(0.05 * k, 2) for k in range(1, 21))
+
+
+def _check(value: str, allowed: tuple[str, ...] | frozenset[str], label: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"metric label {label}={value!r} is not one of {sorted(allowed)}")
+    return value
+
+
+@dataclass
+class MetricsServer:
+    """A running `/metrics` HTTP server; `port` is the bound port (useful with port 0)."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+class RouterMetrics:
+    """The router's metrics. `node_names` and `exits` (from the topology) bound those labels."""
+
+    def __init__(self, node_names: tuple[str, ...] = (), exits: tuple[int, ...] = ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.node_names = frozenset(node_names)
+        self.exits = frozenset(str(e) for e in exits)
+        r = self.registry
+        self.requests = Counter(
+            PREFIX + "requests",
+            "Finished requests by first tier/exit and outcome.",
+            ["tier", "exit", "outcome"],
+            registry=r,
+        )
+        self.difficulty = Histogram(
+            PREFIX + "difficulty_score",
+            "Scorer difficulty of requests.",
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.escalations = Counter(
+            PREFIX + "escalations",
+            "Moves to a deeper exit (same node or not).",
+            ["from_tier", "to_tier", "reason"],
+            registry=r,
+        )
+        self.handoffs = Counter(
+            PREFIX + "handoffs",
+            "Request moves by tier, mode and reason.",
+            ["from_tier", "to_tier", "mode", "reason"],
+            registry=r,
+        )
+        self.handoff_bytes = Histogram(
+            PREFIX + "handoff_bytes",
+            "Bytes moved per handoff.",
+            ["mode"],
+            buckets=BYTES_BUCKETS,
+            registry=r,
+        )
+        self.handoff_seconds = Histogram(
+            PREFIX + "handoff_seconds",
+            "Time to move a request's state.",
+            ["mode"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time to the first token by first tier.",
+            ["tier"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            PREFIX + "inter_token_seconds",
+            "Time between tokens by serving tier.",
+            ["tier"],
+            buckets=INTER_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            PREFIX + "request_duration_seconds",
+            "End-to-end request latency by first tier.",
+            ["tier"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            PREFIX + "generated_tokens",
+            "Tokens relayed to clients by exit that produced them.",
+            ["exit"],
+            registry=r,
+        )
+        self.in_flight = Gauge(PREFIX + "in_flight_requests", "Streams open.", registry=r)
+        self.queued = Gauge(PREFIX + "queued_requests", "Requests not yet placed.", registry=r)
+        self.node_up = Gauge(
+            PREFIX + "node_up", "1 if the node's health check is SERVING.", ["node"], registry=r
+        )
+        self.retries = Counter(
+            PREFIX + "retries", "Resumes after a node failure.", ["tier"], registry=r
+        )
+        self.cloud_share = Gauge(
+            PREFIX + "cloud_share",
+            "Fraction of finished requests first served on cloud.",
+            registry=r,
+        )
+        self._lock = threading.Lock()
+        self._num_finished = {tier: 0 for tier in TIERS}
+        for name in sorted(self.node_names):
+            self.node_up.labels(node=name).set(0)
+
+    def _exit(self, exit_: int) -> str:
+        return _check(str(exit_), self.exits, "exit") if self.exits else str(int(exit_))
+
+    def observe_request(
+        self,
+        tier: str,
+        exit_: int,
+        outcome: str,
+        score: float | None = None,
+        ttft_s: float | None = None,
+        total_s: float | None = None,
+    ) -> None:
+        """A finished request: first tier/exit served (or planned), outcome, and timings."""
+        _check(tier, TIERS, "tier")
+        self.requests.labels(
+            tier=tier, exit=self._exit(exit_), outcome=_check(outcome, OUTCOMES, "outcome")
+        ).inc()
+        if score is not None:
+            self.difficulty.observe(score)
+        if ttft_s is not None:
+            self.ttft.labels(tier=tier).observe(ttft_s)
+        if total_s is not None:
+            self.e2e.labels(tier=tier).observe(total_s)
+        if outcome == "ok":
+            with self._lock:
+                self._num_finished[tier] += 1
+                total = sum(self._num_finished.values())
+                self.cloud_share.set(self._num_finished["cloud"] / total)
+
+    def observe_tokens(self, exit_: int, tier: str, num_tokens: int, gap_s: float | None) -> None:
+        """Tokens relayed in one chunk; `gap_s` is the time since the previous chunk."""
+        self.tokens.labels(exit=self._exit(exit_)).inc(num_tokens)
+        if gap_s is not None and num_tokens > 0:
+            per_token = self.inter_token.labels(tier=_check(tier, TIERS, "tier"))
+            for _ in range(num_tokens):
+                per_token.observe(gap_s / num_tokens)
+
+    def observe_escalation(self, from_tier: str, to_tier: str, reason: str) -> None:
+        self.escalations.labels(
+            from_tier=_check(from_tier, TIERS, "from_tier"),
+            to_tier=_check(to_tier, TIERS, "to_tier"),
+            reason=_check(reason, REASONS, "reason"),
+        ).inc()
+
+    def observe_handoff(
+        self, from_tier: str, to_tier: str, mode: str, reason: str, num_bytes: int, seconds: float
+    ) -> None:
+        """A request's state moved to another node (an escalation or a failure resume)."""
+        _check(mode, MODES, "mode")
+        self.handoffs.labels(
+            from_tier=_check(from_tier, TIERS, "from_tier"),
+            to_tier=_check(to_tier, TIERS, "to_tier"),
+            mode=mode,
+            reason=_check(reason, REASONS, "reason"),
+        ).inc()
+        self.handoff_bytes.labels(mode=mode).observe(num_bytes)
+        self.handoff_seconds.labels(mode=mode).observe(seconds)
+
+    def observe_retry(self, tier: str) -> None:
+        self.retries.labels(tier=_check(tier, TIERS, "tier")).inc()
+
+    def set_node_up(self, node: str, is_up: bool) -> None:
+        self.node_up.labels(node=_check(node, self.node_names, "node")).set(1 if is_up else 0)
+
+    def set_load(self, in_flight: int, queued: int) -> None:
+        self.in_flight.set(in_flight)
+        self.queued.set(queued)
+
+    def exposition(self) -> bytes:
+        """The text exposition format, as `/metrics` serves it."""
+        return generate_latest(self.registry)
+
+    def serve(self, address: str) -> MetricsServer:
+        """Serve `/metrics` on `host:port` (port 0 picks a free one) in a daemon thread."""
+        host, port = parse_address(address, allow_zero=True)
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        return MetricsServer(server, thread)

