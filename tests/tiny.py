@@ -100,9 +100,10 @@ def branch_as_plain(state: dict, config, exits: list[int], exit_layer: int):
 
     j = exits.index(exit_layer)
     num_layers = config.num_hidden_layers
-    cfg = config.__class__(**{**config.to_dict(), "num_hidden_layers": exit_layer + 1})
-    if hasattr(cfg, "layer_types"):
-        cfg.layer_types = cfg.layer_types[: exit_layer + 1]
+    fields = {**config.to_dict(), "num_hidden_layers": exit_layer + 1}
+    if fields.get("layer_types"):
+        fields["layer_types"] = fields["layer_types"][: exit_layer + 1]
+    cfg = config.__class__(**fields)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     sd = {}
     for k, v in state.items():
