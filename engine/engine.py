@@ -53,14 +53,30 @@ class Engine:
         params: SamplingParams | None = None,
         exit_layer: int | None = None,
         seq_id: str | None = None,
+        prefix_ids: list[int] | tuple[int, ...] = (),
     ) -> str:
+        """Queue a request. `prefix_ids` are tokens already generated (and streamed) elsewhere,
+        e.g. before a node failed: they are prefilled with the prompt, count towards
+        `max_tokens`, and their text is not emitted again."""
         params = params or SamplingParams()
         exit_layer = self.config.default_exit if exit_layer is None else exit_layer
         self.config.check_exit(exit_layer)
-        self._check_prompt(prompt_ids)
-        seq = self._new_sequence(seq_id, list(prompt_ids), len(prompt_ids), exit_layer, params)
+        self._check_prompt(list(prompt_ids) + list(prefix_ids))
+        if len(prefix_ids) >= params.max_tokens:
+            raise InvalidRequest(f"{len(prefix_ids)} prefix tokens leave nothing of max_tokens {params.max_tokens}")
+        tokens = list(prompt_ids) + list(prefix_ids)
+        seq = self._new_sequence(seq_id, tokens, len(prompt_ids), exit_layer, params)
+        self._prime_text(seq, None)
         self._admit(seq)
         return seq.id
+
+    @staticmethod
+    def _prime_text(seq: Sequence, num_emitted: int | None) -> None:
+        """Replay already generated tokens into the stream decoder; their text counts as
+        emitted (all of it, or `num_emitted` chars when the sender says so)."""
+        for token in seq.generated_ids:
+            seq.text += seq.stream.push(token)
+        seq.num_emitted_chars = len(seq.text) if num_emitted is None else min(num_emitted, len(seq.text))
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -223,9 +239,7 @@ class Engine:
         seq = self._new_sequence(seq_id, state.token_ids, state.num_prompt_tokens, target, state.params)
         seq.generator.set_state(state.rng)
         seq.seed = state.seed
-        for token in seq.generated_ids:
-            seq.text += seq.stream.push(token)
-        seq.num_emitted_chars = min(state.num_emitted_chars, len(seq.text))
+        self._prime_text(seq, state.num_emitted_chars)
         if state.mode == "hidden":
             self._restore_cache(seq, state)
         self._admit(seq)

@@ -97,16 +97,12 @@ def decode_state(
     head_dim: int,
 ) -> HandoffState:
     """Parse and validate a state against the receiving model's facts."""
+    # safetensors.load drops metadata; peek_metadata reads the length-prefixed JSON header.
+    meta = peek_metadata(data)
     try:
         tensors = st_load(bytes(data))
-        # safetensors.load drops metadata; read the header ourselves (length-prefixed JSON).
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(bytes(data[8 : 8 + header_len]))
-        meta = json.loads(header["__metadata__"]["ruyiflow"])
     except Exception as exc:  # any parse failure is a bad payload
         raise HandoffError(f"handoff state is not a valid payload: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise HandoffError("handoff state: metadata is not an object")
     if _need(meta, "version", int) != VERSION:
         raise HandoffError(f"handoff state version {meta['version']} unsupported (want {VERSION})")
     mode = _need(meta, "mode", str)
@@ -169,3 +165,28 @@ def _check_tensors(
             )
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise HandoffError(f"handoff state: tensor {name!r} has non-finite values")
+
+
+def peek_metadata(data: bytes) -> dict[str, Any]:
+    """The metadata object of an encoded state, without loading tensors (not validated)."""
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(bytes(data[8 : 8 + header_len]))["__metadata__"]["ruyiflow"])
+    except Exception as exc:
+        raise HandoffError(f"handoff state is not a valid payload: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise HandoffError("handoff state: metadata is not an object")
+    return meta
+
+
+def to_tokens_mode(data: bytes) -> bytes:
+    """Re-encode a state as `tokens` mode (drop tensors but the RNG state)."""
+    meta = peek_metadata(data)
+    if meta.get("mode") == "tokens":
+        return data
+    try:
+        rng = st_load(bytes(data))["rng"]
+    except Exception as exc:
+        raise HandoffError(f"handoff state is not a valid payload: {exc}") from exc
+    meta["mode"] = "tokens"
+    return st_save({"rng": rng}, metadata={"ruyiflow": json.dumps(meta)})

@@ -34,6 +34,13 @@ def _check(value: str, allowed: tuple[str, ...] | frozenset[str], label: str) ->
     return value
 
 
+def serve_registry(address: str, registry: CollectorRegistry) -> MetricsServer:
+    """Serve a registry's `/metrics` on `host:port` in a daemon thread (router and nodes)."""
+    host, port = parse_address(address, allow_zero=True)
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)
+
+
 @dataclass
 class MetricsServer:
     """A running `/metrics` HTTP server; `port` is the bound port (useful with port 0)."""
@@ -216,6 +223,4 @@ class RouterMetrics:
 
     def serve(self, address: str) -> MetricsServer:
         """Serve `/metrics` on `host:port` (port 0 picks a free one) in a daemon thread."""
-        host, port = parse_address(address, allow_zero=True)
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-        return MetricsServer(server, thread)
+        return serve_registry(address, self.registry)

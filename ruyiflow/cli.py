@@ -13,20 +13,28 @@ COMMANDS = {
     "generate": ("ruyiflow.cmd_generate", "generate locally with the engine"),
     "models": ("ruyiflow.cmd_models", "describe a model: family, exits, parameters, fingerprint"),
     "bench": ("ruyiflow.cmd_bench", "run a benchmark from bench/"),
+    "edge": ("edge_node.daemon", "run an edge node daemon"),
+    "cloud": ("cloud_node.daemon", "run a cloud node daemon"),
+    "router": ("router.daemon", "run the router daemon"),
+    "up": ("ruyiflow.cmd_up", "start every process of a topology on this machine"),
+    "query": ("ruyiflow.cmd_query", "send a prompt to the router and print the route trace"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="ruyiflow", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
-    for name, (module, help_text) in COMMANDS.items():
-        mod = importlib.import_module(module)
-        modules[name] = mod
-        mod.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    module = None
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # import only the command that runs (torch is slow to import)
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
     args = parser.parse_args(argv)
     try:
-        return int(modules[args.command].run(args) or 0)
+        return int(module.run(args) or 0)
     except RuyiflowError as exc:
         print(f"ruyiflow {args.command}: error: {exc}", file=sys.stderr)
         return 2

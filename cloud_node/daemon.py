@@ -1,0 +1,17 @@
+"""`ruyiflow cloud --name N`: the cloud tier's daemon."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.serving.cli import add_node_arguments, run_tier
+
+TIER = "cloud"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_node_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_tier(args, TIER)

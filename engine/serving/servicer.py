@@ -1,0 +1,271 @@
+"""Node gRPC servicer: protobuf <-> engine objects, nothing else. Domain exceptions raised here
+become status codes in the shared interceptor (router/grpc_errors.py).
+
+Story of a request: admit (not draining, prompt -> ids, exit served) -> the engine thread steps
+it -> each token becomes a Chunk -> the stream ends with a finish reason, or with a HANDOFF chunk
+naming the parked state the router will move.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from engine.errors import InvalidRequest, NodeUnavailable
+from engine.sampling import SamplingParams
+from engine.sequence import TokenEvent
+from engine.serving.escalation import EscalationSettings
+from engine.serving.framing import MODE_NAMES, header_for, read_state, state_parts
+from engine.serving.metrics import NodeMetrics
+from engine.serving.worker import EngineWorker, LocalSwitch, Parked, RequestHandle
+from proto import ruyiflow_pb2 as pb
+from proto import ruyiflow_pb2_grpc as pb_grpc
+from router.grpc_server import Admission, channel_options
+
+MAX_PROMPT_CHARS = 256 * 1024
+TIERS = {"edge": pb.TIER_EDGE, "cloud": pb.TIER_CLOUD}
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+          "abort": pb.FINISH_REASON_CANCELLED}
+REASONS = {"low_confidence": pb.HANDOFF_REASON_LOW_CONFIDENCE, "forced": pb.HANDOFF_REASON_FORCED}
+TRANSFER_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    name: str
+    tier: str
+    model: str
+    backend: str
+    max_batch: int
+    max_context: int
+    exits: tuple[int, ...]
+
+
+def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
+    opt = {f: getattr(s, f) for f in ("max_tokens", "temperature", "top_k", "top_p",
+                                        "repetition_penalty", "no_repeat_ngram_size", "seed")
+           if s.HasField(f)}
+    if "no_repeat_ngram_size" in opt:
+        opt["no_repeat_ngram_size"] = int(opt["no_repeat_ngram_size"])
+    return SamplingParams(**opt, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids))
+
+
+def escalation_from_proto(e: pb.EscalationSettings) -> EscalationSettings:
+    return EscalationSettings(
+        enabled=e.enabled if e.HasField("enabled") else False,
+        window=e.window if e.HasField("window") else 4,
+        threshold=e.threshold if e.HasField("threshold") else 0.3,
+        force_after_tokens=e.force_after_tokens if e.HasField("force_after_tokens") else 0,
+        force_to_exit=e.force_to_exit if e.HasField("force_to_exit") else None,
+    )
+
+
+class NodeServicer(pb_grpc.NodeServicer):
+    """Serves from the moment the port opens; answers UNAVAILABLE until `attach` (model loaded)."""
+
+    def __init__(self, identity: NodeIdentity, metrics: NodeMetrics):
+        self.id = identity
+        self.metrics = metrics
+        self.worker: EngineWorker | None = None
+        self.admission = Admission(f"node {identity.name}")
+        self._lock = threading.Lock()
+        self._accepted: dict[str, tuple[pb.HandoffHeader, bytes, float]] = {}
+
+    def attach(self, worker: EngineWorker, fingerprint: str, prefill_tokens_per_s: float,
+               max_state_bytes: int) -> None:
+        self.engine = worker.engine
+        self.fingerprint = fingerprint
+        self.prefill_tokens_per_s = prefill_tokens_per_s
+        self.max_state_bytes = max_state_bytes
+        self.worker = worker  # last: its presence means ready
+
+    # -- Generate / Resume --------------------------------------------------------------------
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        self._check_ready()
+        with self.admission.admit():
+            yield from self._generate(request, context)
+
+    def _generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        prompt_ids = self._prompt_ids(request)
+        exit_layer = request.overrides.exit if request.overrides.HasField("exit") else self.id.exits[-1]
+        prefix = list(request.prefix_token_ids)
+        handle = self.worker.generate(request.request_id, prompt_ids, sampling_from_proto(request.sampling),
+                                      exit_layer, escalation_from_proto(request.escalation), prefix)
+        yield from self._stream(handle, context, len(prefix), exit_layer)
+
+    def Resume(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        self._check_ready()
+        with self.admission.admit():
+            yield from self._resume(request_iterator, context)
+
+    def _resume(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        header, data = read_state(request_iterator, self.max_state_bytes)
+        if header.transfer_id:
+            header, data = self._take_accepted(header)
+        self.metrics.handoff_bytes.labels(**self.metrics.lab(direction="in")).observe(len(data))
+        handle = self.worker.resume(header.request_id, data, header.to_exit,
+                                    escalation_from_proto(header.request.escalation))
+        yield from self._stream(handle, context, len(header.generated_token_ids), header.to_exit)
+
+    def _stream(self, handle: RequestHandle, context: grpc.ServicerContext, offset: int,
+                exit_layer: int) -> Iterator[pb.Chunk]:
+        m, started, last, outcome = self.metrics, time.perf_counter(), None, "error"
+        ended = False
+        m.in_flight.labels(**m.lab()).inc()
+        try:
+            while True:
+                try:
+                    item = handle.get(timeout=0.25)
+                except Exception:  # queue.Empty: check the client is still there
+                    if not context.is_active():
+                        outcome = "cancelled"
+                        return
+                    continue
+                if item is None:
+                    ended = True
+                    return
+                if isinstance(item, Exception):
+                    ended = True
+                    raise item
+                if isinstance(item, LocalSwitch):
+                    m.escalations.labels(**m.lab(kind="local", reason=item.reason)).inc()
+                    exit_layer = item.to_exit
+                    continue
+                if isinstance(item, Parked):
+                    m.escalations.labels(**m.lab(kind="handoff", reason=item.reason)).inc()
+                    m.handoff_bytes.labels(**m.lab(direction="out")).observe(item.state_bytes)
+                    outcome = "handoff"
+                    yield self._handoff_chunk(handle.request_id, item, offset, exit_layer)
+                    continue
+                now = time.perf_counter()
+                (m.ttft if last is None else m.itl).labels(**m.lab()).observe(now - (last or started))
+                last = now
+                m.tokens.labels(**m.lab(exit=str(item.exit))).inc()
+                yield self._token_chunk(handle.request_id, item, offset)
+                offset += 1
+                if item.finished:
+                    outcome = item.finish_reason
+        finally:
+            if not ended:  # client went away (or the stream was closed): stop generating
+                self.worker.cancel(handle)
+            m.in_flight.labels(**m.lab()).dec()
+            m.e2e.labels(**m.lab()).observe(time.perf_counter() - started)
+            m.requests.labels(**m.lab(exit=str(exit_layer), outcome=outcome)).inc()
+
+    def _source(self, exit_layer: int) -> pb.Source:
+        return pb.Source(node=self.id.name, tier=TIERS[self.id.tier], exit=exit_layer)
+
+    def _token_chunk(self, request_id: str, ev: TokenEvent, offset: int) -> pb.Chunk:
+        c = ev.confidence
+        return pb.Chunk(
+            request_id=request_id, text=ev.text, token_ids=[ev.token_id],
+            confidence=[pb.TokenConfidence(max_prob=c.max_prob, margin=c.margin, entropy=c.entropy)],
+            source=self._source(ev.exit), token_offset=offset,
+            finish_reason=FINISH.get(ev.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        )
+
+    def _handoff_chunk(self, request_id: str, p: Parked, offset: int, exit_layer: int) -> pb.Chunk:
+        return pb.Chunk(
+            request_id=request_id, source=self._source(exit_layer), token_offset=offset,
+            finish_reason=pb.FINISH_REASON_HANDOFF,
+            handoff=pb.HandoffNeeded(
+                from_exit=p.from_exit, suggested_to_exit=p.to_exit, reason=REASONS[p.reason],
+                state_handle=p.handle, state_bytes=p.state_bytes, num_tokens=p.num_tokens,
+                model_fingerprint=self.fingerprint,
+            ),
+        )
+
+    # -- moving states ----------------------------------------------------------------------------
+    def AcceptState(self, request_iterator, context: grpc.ServicerContext) -> pb.AcceptStateReply:
+        self._check_ready()
+        header, data = read_state(request_iterator, self.max_state_bytes)
+        if not header.transfer_id:
+            raise InvalidRequest("AcceptState needs a transfer_id in the header")
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, (_, _, t) in self._accepted.items() if t < now]:
+                del self._accepted[key]
+            self._accepted[header.transfer_id] = (header, data, now + TRANSFER_SECONDS)
+        return pb.AcceptStateReply(transfer_id=header.transfer_id, num_bytes=len(data))
+
+    def _take_accepted(self, resume: pb.HandoffHeader) -> tuple[pb.HandoffHeader, bytes]:
+        with self._lock:
+            entry = self._accepted.pop(resume.transfer_id, None)
+        if entry is None:
+            raise InvalidRequest(f"no pushed state under transfer id {resume.transfer_id!r}")
+        header, data, _ = entry
+        if resume.request_id and header.request_id and resume.request_id != header.request_id:
+            raise InvalidRequest("transfer belongs to another request")
+        stored = pb.HandoffHeader()
+        stored.CopyFrom(header)
+        stored.to_exit = resume.to_exit
+        if resume.HasField("request"):
+            stored.request.CopyFrom(resume.request)
+        return stored, data
+
+    def _export(self, ref: pb.StateRef) -> bytes:
+        self._check_ready()
+        if ref.mode not in MODE_NAMES:
+            raise InvalidRequest("state mode must be HIDDEN or TOKENS")
+        return self.worker.take_parked(ref.state_handle, MODE_NAMES[ref.mode])
+
+    def FetchState(self, request: pb.StateRef, context: grpc.ServicerContext) -> Iterator[pb.ResumeRequest]:
+        data = self._export(request)
+        yield from state_parts(header_for(data, "", request.to_exit), data)
+
+    def PushState(self, request: pb.PushStateRequest, context: grpc.ServicerContext) -> pb.PushStateReply:
+        data = self._export(request.state)
+        header = header_for(data, "", request.state.to_exit, transfer_id=request.transfer_id)
+        started = time.perf_counter()
+        with grpc.insecure_channel(request.destination, options=channel_options()) as channel:
+            stub = pb_grpc.NodeStub(channel)
+            try:
+                stub.AcceptState(state_parts(header, data), timeout=60)
+            except grpc.RpcError as exc:
+                raise NodeUnavailable(f"push to {request.destination} failed: {exc.details()}") from exc
+        return pb.PushStateReply(num_bytes=len(data), duration_ms=(time.perf_counter() - started) * 1e3)
+
+    # -- facts and control ------------------------------------------------------------------------
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
+        self._check_ready()
+        running, queued, outstanding = self.worker.load()
+        c = self.engine.config
+        return pb.NodeInfo(
+            name=self.id.name, tier=TIERS[self.id.tier], model=self.id.model,
+            model_fingerprint=self.fingerprint, family=c.family, exits=list(self.id.exits),
+            capacity=pb.Capacity(max_batch=self.id.max_batch, max_context=self.id.max_context),
+            load=pb.Load(running=running, queued=queued, outstanding_tokens=outstanding),
+            shape=pb.ModelShape(num_layers=c.num_layers, hidden_size=c.hidden_size,
+                                num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                                dtype_bytes=self.engine.model.embed.element_size()),
+            prefill_tokens_per_s=self.prefill_tokens_per_s, backend=self.id.backend,
+            draining=self.admission.is_draining,
+        )
+
+    def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.DrainReply:
+        return pb.DrainReply(num_in_flight=self.admission.begin_drain())
+
+    def _check_ready(self) -> None:
+        if self.worker is None:
+            raise NodeUnavailable(f"node {self.id.name} is still loading its model")
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        tok = self.engine.tokenizer
+        kind = request.WhichOneof("prompt")
+        if kind == "token_ids":
+            return list(request.token_ids.ids)
+        if kind == "text":
+            if len(request.text) > MAX_PROMPT_CHARS:
+                raise InvalidRequest(f"prompt over {MAX_PROMPT_CHARS} characters")
+            return tok.encode(request.text)
+        if kind == "conversation":
+            messages = [{"role": m.role, "content": m.content} for m in request.conversation.messages]
+            if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
+                raise InvalidRequest(f"prompt over {MAX_PROMPT_CHARS} characters")
+            thinking = request.enable_thinking if request.HasField("enable_thinking") else None
+            return tok.encode(tok.apply_chat_template(messages, enable_thinking=thinking))
+        raise InvalidRequest("request has no prompt (conversation, text or token_ids)")

@@ -1,0 +1,229 @@
+"""The engine thread: owns the Engine, steps it while there is work, and talks to gRPC handler
+threads through queues. Every engine call happens on this one thread, so the engine needs no
+locks; handlers submit commands and read their request's events from its own queue.
+
+Escalation is decided here, between two steps: a request whose confidence stays low switches
+to a deeper exit on this node when the node serves one (no transfer), otherwise it is exported
+and parked under a handle for the router to move.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from engine.engine import Engine
+from engine.errors import InvalidRequest, NodeUnavailable
+from engine.handoff import peek_metadata, to_tokens_mode
+from engine.sampling import SamplingParams
+from engine.sequence import TokenEvent
+from engine.serving.escalation import EscalationSettings, EscalationWatch
+
+log = logging.getLogger(__name__)
+PARK_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class LocalSwitch:
+    """The request moved to a deeper exit on this node (branch switch)."""
+
+    from_exit: int
+    to_exit: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Parked:
+    """The request stopped here; its state waits under `handle` for PushState/FetchState."""
+
+    handle: str
+    from_exit: int
+    to_exit: int
+    reason: str
+    state_bytes: int
+    num_tokens: int
+
+
+class RequestHandle:
+    """A handler's view of one request: a queue of TokenEvent / LocalSwitch / Parked /
+    Exception items; None marks the end."""
+
+    def __init__(self, request_id: str, watch: EscalationWatch):
+        self.request_id = request_id
+        self.watch = watch
+        self.seq_id: str | None = None
+        self.items: queue.Queue[Any] = queue.Queue()
+
+    def get(self, timeout: float | None = None) -> Any:
+        return self.items.get(timeout=timeout)
+
+
+class EngineWorker:
+    def __init__(self, engine: Engine, served_exits: tuple[int, ...]):
+        self.engine = engine
+        self.served_exits = tuple(sorted(served_exits))
+        self._commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self._handles: dict[str, RequestHandle] = {}
+        self._parked: dict[str, tuple[bytes, float]] = {}
+        self._parked_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = 300) -> Any:
+        """Run `fn` on the engine thread between two steps; returns its result or raises."""
+        if self._stop.is_set():
+            raise NodeUnavailable("node is stopping")
+        future: Future = Future()
+        self._commands.put((fn, future))
+        return future.result(timeout=timeout)
+
+    # -- requests -------------------------------------------------------------------------------
+    def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, exit_layer: int,
+        escalation: EscalationSettings, prefix_ids: list[int] = (),
+    ) -> RequestHandle:
+        self._check_served(exit_layer)
+        handle = RequestHandle(request_id, EscalationWatch(escalation))
+        handle.watch.generated = len(prefix_ids)
+
+        def add() -> None:
+            handle.seq_id = self.engine.add_request(prompt_ids, params, exit_layer, prefix_ids=prefix_ids)
+            self._handles[handle.seq_id] = handle
+
+        self.call(add)
+        return handle
+
+    def resume(self, request_id: str, data: bytes, exit_layer: int,
+               escalation: EscalationSettings) -> RequestHandle:
+        self._check_served(exit_layer)
+        handle = RequestHandle(request_id, EscalationWatch(escalation))
+        meta = peek_metadata(data)
+        handle.watch.generated = len(meta.get("token_ids", [])) - int(meta.get("num_prompt_tokens", 0))
+
+        def add() -> None:
+            handle.seq_id = self.engine.import_state(data, exit_layer=exit_layer)
+            self._handles[handle.seq_id] = handle
+
+        self.call(add)
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        def abort() -> None:
+            if handle.seq_id in self._handles:
+                self._handles.pop(handle.seq_id)
+                self.engine.abort(handle.seq_id)
+
+        if not self._stop.is_set():
+            self.call(abort)
+
+    def _check_served(self, exit_layer: int) -> None:
+        if exit_layer not in self.served_exits:
+            raise InvalidRequest(f"exit {exit_layer} is not served by this node {list(self.served_exits)}")
+
+    # -- parked states ----------------------------------------------------------------------------
+    def take_parked(self, handle: str, mode: str) -> bytes:
+        """The parked state in `mode` (`hidden` as stored, or re-encoded as `tokens`); it
+        stays parked until it expires, so a failed push can fall back to a fetch."""
+        with self._parked_lock:
+            entry = self._parked.get(handle)
+        if entry is None:
+            raise InvalidRequest(f"no parked state {handle!r} (expired or never parked)")
+        return entry[0] if mode == "hidden" else to_tokens_mode(entry[0])
+
+    def _park(self, data: bytes) -> str:
+        handle = uuid.uuid4().hex
+        now = time.monotonic()
+        with self._parked_lock:
+            for key in [k for k, (_, t) in self._parked.items() if t < now]:
+                del self._parked[key]
+            self._parked[handle] = (data, now + PARK_SECONDS)
+        return handle
+
+    # -- load -----------------------------------------------------------------------------------
+    def load(self) -> tuple[int, int, int]:
+        """(running, queued, outstanding tokens); read racily from handler threads."""
+        running, waiting = list(self.engine.running), list(self.engine.waiting)
+        outstanding = 0
+        for seq in running + waiting:
+            outstanding += len(seq.pending_tokens()) + seq.params.max_tokens - seq.num_generated
+        return len(running), len(waiting), outstanding
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._run_commands(block=not self.engine.has_work())
+            if not self.engine.has_work():
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as exc:  # a broken step fails its requests, not the node
+                log.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            for event in events:
+                self._dispatch(event)
+        self._fail_all(NodeUnavailable("node stopped"))
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            item = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, future = item
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self, event: TokenEvent) -> None:
+        handle = self._handles.get(event.seq_id)
+        if handle is None:
+            return
+        handle.items.put(event)
+        if event.finished:
+            self._handles.pop(event.seq_id, None)
+            handle.items.put(None)
+            return
+        reason = handle.watch.observe(event.confidence.max_prob)
+        if reason is None:
+            return
+        target = handle.watch.target_exit(event.exit, self.engine.config.exits)
+        if target is None:
+            return
+        if target in self.served_exits:
+            self.engine.switch_exit(event.seq_id, target)
+            handle.items.put(LocalSwitch(event.exit, target, reason))
+            return
+        seq = self.engine.sequences[event.seq_id]
+        num_tokens = len(seq.token_ids)
+        data = self.engine.export_state(event.seq_id, "hidden")
+        self._handles.pop(event.seq_id, None)
+        handle.items.put(Parked(self._park(data), event.exit, target, reason, len(data), num_tokens))
+        handle.items.put(None)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for seq_id, handle in list(self._handles.items()):
+            self.engine.abort(seq_id)
+            handle.items.put(exc)
+            handle.items.put(None)
+        self._handles.clear()
