@@ -40,8 +40,10 @@ def state_parts(header: pb.HandoffHeader, data: bytes, chunk_bytes: int = CHUNK_
         yield pb.ResumeRequest(end=pb.StateEnd(total_bytes=0))
 
 
-def read_state(parts: Iterable[pb.ResumeRequest], max_bytes: int) -> tuple[pb.HandoffHeader, bytes]:
-    """Assemble and check a state stream; bytes are empty when the header names a transfer."""
+def read_state(parts: Iterable[pb.ResumeRequest], max_bytes: int,
+               pushed: bool = False) -> tuple[pb.HandoffHeader, bytes]:
+    """Assemble and check a state stream. On Resume a header naming a transfer id carries no
+    bytes (they were pushed before); `pushed=True` reads such a push (AcceptState)."""
     it = iter(parts)
     first = next(it, None)
     if first is None or first.WhichOneof("part") != "header":
@@ -51,11 +53,12 @@ def read_state(parts: Iterable[pb.ResumeRequest], max_bytes: int) -> tuple[pb.Ha
         raise HandoffError("state header: mode must be HIDDEN or TOKENS")
     if header.total_bytes > max_bytes:
         raise HandoffError(f"state of {header.total_bytes} bytes exceeds the limit {max_bytes}")
+    by_reference = bool(header.transfer_id) and not pushed
     buf = bytearray()
     for part in it:
         kind = part.WhichOneof("part")
         if kind == "data":
-            if header.transfer_id:
+            if by_reference:
                 raise HandoffError("state bytes sent with a transfer id")
             if part.data.offset != len(buf):
                 raise HandoffError(f"state chunk at offset {part.data.offset}, expected {len(buf)}")
@@ -63,7 +66,7 @@ def read_state(parts: Iterable[pb.ResumeRequest], max_bytes: int) -> tuple[pb.Ha
                 raise HandoffError(f"state chunks exceed the announced {header.total_bytes} bytes")
             buf += part.data.data
         elif kind == "end":
-            if header.transfer_id:
+            if by_reference:
                 return header, b""
             if part.end.total_bytes != len(buf) or len(buf) != header.total_bytes:
                 raise HandoffError(f"state truncated: {len(buf)} of {header.total_bytes} bytes")

@@ -182,7 +182,7 @@ class NodeServicer(pb_grpc.NodeServicer):
     # -- moving states ----------------------------------------------------------------------------
     def AcceptState(self, request_iterator, context: grpc.ServicerContext) -> pb.AcceptStateReply:
         self._check_ready()
-        header, data = read_state(request_iterator, self.max_state_bytes)
+        header, data = read_state(request_iterator, self.max_state_bytes, pushed=True)
         if not header.transfer_id:
             raise InvalidRequest("AcceptState needs a transfer_id in the header")
         now = time.monotonic()
