@@ -113,7 +113,9 @@ def _check(logits: torch.Tensor, block_size: int | None) -> None:
     if not isinstance(logits, torch.Tensor):
         raise ValueError("exit_confidence: logits must be a torch tensor")
     if logits.dim() != 2 or logits.shape[1] == 0:
-        raise ValueError(f"exit_confidence: logits must be [B, V] with V >= 1, got {tuple(logits.shape)}")
+        raise ValueError(
+            f"exit_confidence: logits must be [B, V] with V >= 1, got {tuple(logits.shape)}"
+        )
     if logits.dtype not in FLOAT_DTYPES:
         raise ValueError(f"exit_confidence: logits dtype {logits.dtype} is not float32/16/bf16")
     if logits.stride(1) != 1:
@@ -126,20 +128,47 @@ def _check(logits: torch.Tensor, block_size: int | None) -> None:
 def exit_confidence_reference(
     logits: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain torch, vectorised over rows: same outputs as the kernel, materialising [B, V]."""
+    """Plain torch, vectorised over rows; materialises the probabilities [B, V].
+
+    Built from the reductions that are fast on a CPU (`softmax`, `amax`): `topk`, `max` with
+    indices and boolean masks over a 150k vocabulary each cost more than the softmax itself.
+    """
     x = logits.to(torch.float32)  # [B, V]
-    top = x.topk(min(2, x.shape[-1]), dim=-1).values  # [B, 1 or 2]
-    top1 = top[:, 0:1]
-    top1_ref = torch.where(top1 == float("-inf"), 0.0, top1)  # [B, 1]
-    shifted = (x - top1_ref).clamp_min_(_LOG_UNDERFLOW)  # [B, V], <= 0
-    e = shifted.exp()
-    total = e.sum(-1)  # [B], >= 1 unless the row has no finite logit
-    has_mass = total > 0
-    total_safe = torch.where(has_mass, total, 1.0)
-    p1 = torch.where(has_mass, 1.0 / total_safe, 0.0)
-    if top.shape[-1] == 2:
-        p2 = (top[:, 1] - top1_ref[:, 0]).exp() / total_safe
+    top1, top2 = _top2(x)  # [B] each
+    has_mass = top1 > float("-inf")  # rows with a finite logit
+    top1_ref = torch.where(has_mass, top1, 0.0)[:, None]  # [B, 1]
+    probs = torch.softmax(x, dim=-1)  # [B, V]; NaN in rows without mass, zeroed below
+    p1 = probs.amax(-1)  # = 1 / sum exp(x - top1)
+    p2 = (top2 - top1_ref[:, 0]).exp() * p1
+    # log S - sum p (x - top1), with (x - top1) = log p + log S; in place: one [B, V] buffer.
+    shifted = (x - top1_ref).clamp_min_(_LOG_UNDERFLOW)
+    entropy = -p1.log() - shifted.mul_(probs).sum(-1)
+    zero = torch.zeros_like(p1)
+    return (
+        torch.where(has_mass, p1, zero),
+        torch.where(has_mass, p1 - p2, zero),
+        torch.where(has_mass, entropy, zero),
+    )
+
+
+def _top2(x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two largest values of each row of x [B, V] (equal when the largest is tied).
+
+    One fast `amax` over chunks of the row, then `topk` only on small tensors: the runner-up
+    is the best of the other chunks' maxima, the winning chunk's second and the ragged tail.
+    """
+    num_rows, vocab = x.shape
+    head = vocab // chunk * chunk
+    if head == 0:
+        top = x.topk(min(2, vocab), dim=-1).values  # [B, 1 or 2]
     else:
-        p2 = torch.zeros_like(p1)
-    entropy = torch.where(has_mass, total_safe.log() - (e * shifted).sum(-1) / total_safe, 0.0)
-    return p1, p1 - p2, entropy
+        chunks = x[:, :head].view(num_rows, head // chunk, chunk)  # [B, C, chunk]
+        chunk_max = chunks.amax(-1)  # [B, C]
+        best = chunk_max.argmax(-1, keepdim=True)  # [B, 1]
+        in_best = chunks[torch.arange(num_rows, device=x.device), best[:, 0]]  # [B, chunk]
+        others = chunk_max.scatter(1, best, float("-inf"))
+        candidates = torch.cat([others, in_best.topk(2, dim=-1).values, x[:, head:]], dim=1)
+        top = candidates.topk(2, dim=-1).values
+    if top.shape[1] == 1:  # V == 1: there is no runner-up
+        return top[:, 0], torch.full_like(top[:, 0], float("-inf"))
+    return top[:, 0], top[:, 1]

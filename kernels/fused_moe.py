@@ -11,7 +11,9 @@ Triton path (the vLLM/SGLang scheme, written here from the algorithm):
    silu(gate) * up in the epilogue → act [T*k, I];
 3. the same kernel as GEMM2: act @ w_down[e]^T, times the routing weight, in float32 → [T*k, H];
 4. sum over the k choices of each token, cast to x's dtype.
-Accumulation is float32 throughout.
+Accumulation is float32 throughout. For a handful of slots (decode) step 1 is skipped: each slot
+gets a tile of its own (`ONE_SLOT_PER_TILE`, vLLM's naive block assignment), which saves the
+alignment's small launches when they would cost more than the padding saves.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def fused_moe_kernel(
     c_ptr,  # GEMM1: act [T*k, I]; GEMM2: y [T*k, H] float32
     topk_weights_ptr,  # [T*k] float32, indexed by slot
     sorted_slots_ptr,  # [num_blocks_m * BLOCK_M] int32, grouped by expert, padding = num_slots
-    block_experts_ptr,  # [num_blocks_m] int64, the expert of each BLOCK_M tile
+    block_experts_ptr,  # [num_blocks_m] int32/64, the expert of each BLOCK_M tile
     num_padded_ptr,  # [1] int64, entries of sorted_slots in use
     num_slots,
     N,
@@ -55,6 +57,7 @@ def fused_moe_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    ONE_SLOT_PER_TILE: tl.constexpr,  # decode: tile m holds slot m alone, no alignment needed
 ):
     pid = tl.program_id(0)
     num_blocks_n = tl.cdiv(N, BLOCK_N)
@@ -64,11 +67,14 @@ def fused_moe_kernel(
     group_m = tl.minimum(num_blocks_m - first_m, GROUP_M)
     pid_m = first_m + (pid % pids_per_group) % group_m
     pid_n = (pid % pids_per_group) // group_m
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return  # a tile past the last expert's padded segment
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_slots_ptr + offs_m).to(tl.int64)  # [BLOCK_M]
+    if ONE_SLOT_PER_TILE:
+        # block_experts_ptr is topk_ids itself; the other BLOCK_M - 1 rows are masked padding.
+        slots = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_slots).to(tl.int64)
+    else:
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return  # a tile past the last expert's padded segment
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        slots = tl.load(sorted_slots_ptr + offs_m).to(tl.int64)  # [BLOCK_M]
     slot_mask = slots < num_slots
     expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,7 +94,9 @@ def fused_moe_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if SWIGLU:
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            b_up = tl.load(
+                b_ptrs + N * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0
+            )
             if DOT_F32:
                 b_up = b_up.to(tl.float32)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
@@ -114,7 +122,7 @@ def moe_align_block_size(
     `num_padded` [1] int64. Sizes are upper bounds known on the host, so nothing here waits
     for the device.
     """
-    flat = topk_ids.reshape(-1)  # [S] expert of each slot
+    flat = topk_ids.reshape(-1).long()  # [S] expert of each slot
     num_slots = flat.numel()
     device = flat.device
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
@@ -145,10 +153,13 @@ def fused_moe(
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    one_slot_per_tile: bool | None = None,
     validate_ids: bool = True,
 ) -> torch.Tensor:
-    """Triton launcher: [T, H] in x's dtype. Block sizes override the heuristic (for tests).
+    """Triton launcher: [T, H] in x's dtype. Keyword arguments override heuristics (for tests).
 
+    `one_slot_per_tile` skips the alignment for a handful of slots (decode): each slot gets its
+    own tile, at the price of re-reading an expert's weights if two slots share it.
     `validate_ids` checks that every id is in [0, E) (one device sync); turn it off only where
     the router is trusted, e.g. inside CUDA-graph capture.
     """
@@ -165,32 +176,49 @@ def fused_moe(
         return torch.zeros_like(x)
     bm, bn, bk, group_m, num_warps = _pick_config(num_slots, num_experts)
     bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
-    sorted_slots, block_experts, num_padded = moe_align_block_size(topk_ids, bm, num_experts)
-    num_blocks_m = block_experts.numel()
+    if one_slot_per_tile is None:
+        one_slot_per_tile = num_slots * 4 <= num_experts  # vLLM's threshold
+    if one_slot_per_tile:
+        sorted_slots = block_experts = num_padded = topk_ids.reshape(-1)  # [S]; see kernel
+        num_blocks_m = num_slots
+    else:
+        sorted_slots, block_experts, num_padded = moe_align_block_size(topk_ids, bm, num_experts)
+        num_blocks_m = block_experts.numel()
     act = torch.empty(num_slots, inter, dtype=x.dtype, device=x.device)
-    y = torch.empty(num_slots, hidden, dtype=torch.float32, device=x.device)
-    weights = topk_weights.reshape(-1)  # [S] float32, contiguous (checked)
-    common = dict(
-        DOT_F32=dot_upcast(x.dtype),
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        GROUP_M=group_m,
-        num_warps=num_warps,
-    )
-    fused_moe_kernel[(num_blocks_m * cdiv(inter, bn),)](
-        x, w_gate_up, act, weights, sorted_slots, block_experts, num_padded,
-        num_slots, inter, hidden, num_blocks_m,
-        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0),
-        A_ROW_DIV=top_k, SWIGLU=True, MUL_ROUTED_WEIGHT=False, **common,
-    )  # fmt: skip
-    fused_moe_kernel[(num_blocks_m * cdiv(hidden, bn),)](
-        act, w_down, y, weights, sorted_slots, block_experts, num_padded,
-        num_slots, hidden, inter, num_blocks_m,
-        act.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
-        A_ROW_DIV=1, SWIGLU=False, MUL_ROUTED_WEIGHT=True, **common,
-    )  # fmt: skip
+    y = torch.empty(num_slots, hidden, dtype=torch.float32, device=x.device)  # by slot
+    weights = topk_weights.reshape(-1)  # [S] float32 (a copy if the rows were strided)
+
+    def launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, **flags: object) -> None:
+        n, k = b.shape[1] // (2 if flags["SWIGLU"] else 1), b.shape[2]
+        fused_moe_kernel[(num_blocks_m * cdiv(n, bn),)](
+            a,
+            b,
+            c,
+            weights,
+            sorted_slots,
+            block_experts,
+            num_padded,
+            num_slots,
+            n,
+            k,
+            num_blocks_m,
+            a.stride(0),
+            b.stride(0),
+            b.stride(1),
+            c.stride(0),
+            DOT_F32=dot_upcast(x.dtype),
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            GROUP_M=group_m,
+            ONE_SLOT_PER_TILE=one_slot_per_tile,
+            num_warps=num_warps,
+            **flags,
+        )
+
+    launch(x, w_gate_up, act, A_ROW_DIV=top_k, SWIGLU=True, MUL_ROUTED_WEIGHT=False)
+    launch(act, w_down, y, A_ROW_DIV=1, SWIGLU=False, MUL_ROUTED_WEIGHT=True)
     return y.view(num_tokens, top_k, hidden).sum(1).to(x.dtype)
 
 
@@ -246,8 +274,6 @@ def check_fused_moe_args(
         raise ValueError(f"fused_moe: topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if x.stride(1) != 1 or w_gate_up.stride(2) != 1 or w_down.stride(2) != 1:
         raise ValueError("fused_moe: x and the weights need unit stride along their last dim")
-    if not topk_weights.is_contiguous() or not topk_ids.is_contiguous():
-        raise ValueError("fused_moe: topk_weights and topk_ids must be contiguous")
     check_launchable("fused_moe", *tensors)
 
 
@@ -270,7 +296,9 @@ def fused_moe_reference(
     order = torch.argsort(flat_ids, stable=True)  # [S] slots grouped by expert
     counts = torch.bincount(flat_ids, minlength=num_experts)  # [E]
     active = counts.nonzero().flatten()  # [A] experts with at least one slot
-    segments = zip(active.tolist(), counts.cumsum(0)[active].tolist(), counts[active].tolist())
+    segments = zip(
+        active.tolist(), counts.cumsum(0)[active].tolist(), counts[active].tolist(), strict=True
+    )
     tokens = order // top_k  # [S] token of each sorted slot
     weights = topk_weights.reshape(-1)[order].to(torch.float32)  # [S]
     y = torch.empty(num_tokens * top_k, hidden, dtype=torch.float32, device=x.device)  # by slot

@@ -161,7 +161,9 @@ def check_routing_args(
     if scoring not in SCORINGS:
         raise ValueError(f"route_experts: scoring {scoring!r} is not one of {SCORINGS}")
     if num_groups < 1 or num_experts % num_groups:
-        raise ValueError(f"route_experts: {num_experts} experts do not split into {num_groups} groups")
+        raise ValueError(
+            f"route_experts: {num_experts} experts do not split into {num_groups} groups"
+        )
     if not 1 <= topk_groups <= num_groups:
         raise ValueError(f"route_experts: topk_groups {topk_groups} not in [1, {num_groups}]")
     if not 1 <= top_k <= topk_groups * (num_experts // num_groups):

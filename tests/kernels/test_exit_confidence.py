@@ -44,7 +44,7 @@ def make_logits(rows: int, vocab: int, dtype: torch.dtype, seed: int = 0) -> tor
 
 
 def check(actual, expected, atol: float) -> None:
-    for name, a, e in zip(("p1", "margin", "entropy"), actual, expected):
+    for name, a, e in zip(("p1", "margin", "entropy"), actual, expected, strict=True):
         assert a.dtype == torch.float32, name
         assert not torch.isnan(a).any(), name
         torch.testing.assert_close(a, e, atol=atol, rtol=1e-4, msg=name)
@@ -72,6 +72,18 @@ def test_reference_ties_and_half_input() -> None:
 def test_triton_matches_reference(rows: int, vocab: int, block: int, dtype: torch.dtype) -> None:
     logits = make_logits(rows, vocab, dtype, seed=rows * vocab)
     check(exit_confidence(logits, block_size=block), exit_confidence_reference(logits), atol=2e-6)
+
+
+@pytest.mark.parametrize("second_offset", [16, 32, 1, 0])
+def test_triton_runner_up_in_the_same_lane(second_offset: int) -> None:
+    # The kernel keeps a top-2 per lane (position % BLOCK_V): a runner-up sharing the winner's
+    # lane (offsets 16, 32 with BLOCK_V 16) must come from the lane's second slot; 0 is a tie.
+    logits = torch.zeros(2, 64)
+    logits[:, 3] = 5.0
+    logits[:, 3 + second_offset] = 4.0 if second_offset else 5.0
+    logits[1, 40:] = NEG_INF
+    p1, margin, entropy = exit_confidence(logits, block_size=16)
+    check((p1, margin, entropy), naive(logits), atol=2e-6)
 
 
 def test_triton_large_vocab_and_strided_rows() -> None:
@@ -116,11 +128,17 @@ def test_kernel_compiles_for_hopper(sm90_compile) -> None:
         dict(
             module="kernels.exit_confidence",
             kernel="exit_confidence_kernel",
-            signature={"logits_ptr": f"*{dtype}", "p1_ptr": "*fp32", "margin_ptr": "*fp32",
-                       "entropy_ptr": "*fp32", "V": "i32", "stride_row": "i64"},
+            signature={
+                "logits_ptr": f"*{dtype}",
+                "p1_ptr": "*fp32",
+                "margin_ptr": "*fp32",
+                "entropy_ptr": "*fp32",
+                "V": "i32",
+                "stride_row": "i64",
+            },
             constexprs={"BLOCK_V": 2048},
             options={"num_warps": 8},
-        )  # fmt: skip
+        )
         for dtype in ("bf16", "fp32")
     ]
     sm90_compile(jobs)

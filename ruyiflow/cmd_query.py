@@ -1,0 +1,57 @@
+"""`ruyiflow query`: send a prompt through the router, stream the answer, print the route trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", default=None, help="router address (default: the topology's)")
+    p.add_argument("--topology", default="topology.yaml")
+    p.add_argument("--max-tokens", type=int, default=128)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--exit", type=int, default=None, help="serve at this exit")
+    group.add_argument("--tier", choices=["edge", "cloud"], default=None, help="serve on this tier")
+    p.add_argument("--node", default=None, help="serve on this node")
+    p.add_argument("--handoff-mode", choices=["auto", "hidden", "tokens"], default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--thinking", choices=["on", "off"], default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("prompt")
+
+
+def router_address(args: argparse.Namespace) -> str:
+    if args.router:
+        return args.router
+    from router.topology_yaml import load_topology
+
+    return load_topology(args.topology).router.listen
+
+
+def run(args: argparse.Namespace) -> int:
+    from router.client import RouterClient, format_trace, trace_to_dict
+
+    options = dict(max_tokens=args.max_tokens, exit=args.exit, tier=args.tier, node=args.node,
+                   handoff_mode=args.handoff_mode, temperature=args.temperature, seed=args.seed,
+                   enable_thinking=None if args.thinking is None else args.thinking == "on")
+    with RouterClient(router_address(args)) as client:
+        if args.json:
+            result = client.complete(args.prompt, **options)
+            print(json.dumps({
+                "text": result.text, "token_ids": result.token_ids,
+                "finish_reason": result.finish_reason, "trace": trace_to_dict(result.trace),
+            }))
+            return 0
+        trace = None
+        for chunk in client.generate(args.prompt, **options):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            if chunk.HasField("trace"):
+                trace = chunk.trace
+        print()
+        if trace is not None:
+            print(format_trace(trace), file=sys.stderr)
+    return 0
