@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import grpc
 
-
 # The domain exceptions live in the engine (it raises them too); re-exported here for callers.
 from engine.errors import (  # noqa: E402
     HandoffError,
@@ -21,8 +20,16 @@ from engine.errors import (  # noqa: E402
 )
 
 __all__ = [
-    "HandoffError", "InvalidRequest", "ModelLoadError", "ModelMismatch", "NodeUnavailable",
-    "Overloaded", "RuyiflowError", "STATUS_CODES", "TopologyError", "status_code_for",
+    "HandoffError",
+    "InvalidRequest",
+    "ModelLoadError",
+    "ModelMismatch",
+    "NodeUnavailable",
+    "Overloaded",
+    "RuyiflowError",
+    "STATUS_CODES",
+    "TopologyError",
+    "status_code_for",
 ]
 
 

@@ -72,6 +72,12 @@ class RouterMetrics:
             ["tier", "exit", "outcome"],
             registry=r,
         )
+        self.rejected = Counter(
+            PREFIX + "rejected_requests",
+            "Requests refused before a tier/exit was chosen (bad input, draining).",
+            ["outcome"],
+            registry=r,
+        )
         self.difficulty = Histogram(
             PREFIX + "difficulty_score",
             "Scorer difficulty of requests.",
@@ -177,6 +183,12 @@ class RouterMetrics:
                 self._num_finished[tier] += 1
                 total = sum(self._num_finished.values())
                 self.cloud_share.set(self._num_finished["cloud"] / total)
+
+    def observe_rejected(self, outcome: str, score: float | None = None) -> None:
+        """A request refused before routing chose a tier and exit for it."""
+        self.rejected.labels(outcome=_check(outcome, OUTCOMES, "outcome")).inc()
+        if score is not None:
+            self.difficulty.observe(score)
 
     def observe_tokens(self, exit_: int, tier: str, num_tokens: int, gap_s: float | None) -> None:
         """Tokens relayed in one chunk; `gap_s` is the time since the previous chunk."""

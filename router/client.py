@@ -1,0 +1,208 @@
+"""Python client of the router: stream chunks, collect a completion, dry-run routes, list nodes.
+
+    with RouterClient("127.0.0.1:7700") as client:
+        done = client.complete("What is the capital of France?", max_tokens=32)
+        print(done.text)
+        print(format_trace(done.trace))
+
+Errors arrive as `grpc.RpcError` (`.code()`, `.details()`); `complete` also raises
+`StreamGapError` if the router's token offsets ever skip or repeat a token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from proto import ruyiflow_pb2 as pb
+from proto import ruyiflow_pb2_grpc as pb_grpc
+from router.grpc_server import channel_options
+from router.requests import MODE_ENUMS, TIER_ENUMS
+from router.trace_view import finish_name, format_trace, trace_to_dict
+
+__all__ = [
+    "Completion",
+    "RouterClient",
+    "StreamGapError",
+    "build_request",
+    "format_trace",
+    "trace_to_dict",
+]
+
+Prompt = str | Sequence[Mapping[str, str]] | None
+ESCALATION_FIELDS = ("enabled", "window", "threshold", "force_after_tokens", "force_to_exit")
+
+
+class StreamGapError(RuntimeError):
+    """A chunk's token_offset did not continue the tokens received so far."""
+
+
+@dataclass
+class Completion:
+    """A whole answer: text, tokens with their confidence, why it ended, and the route trace."""
+
+    text: str
+    token_ids: list[int]
+    confidence: list[pb.TokenConfidence]
+    finish_reason: str  # stop | length | cancelled
+    trace: pb.RouteTrace
+    sources: list[pb.Source] = field(default_factory=list)  # one per token
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "trace": trace_to_dict(self.trace),
+        }
+
+
+def build_request(
+    prompt: Prompt = None,
+    *,
+    token_ids: Sequence[int] | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    exit: int | None = None,  # noqa: A002 (the proto's word)
+    tier: str | None = None,
+    node: str | None = None,
+    handoff_mode: str | None = None,
+    escalation: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    enable_thinking: bool | None = None,
+    request_id: str | None = None,
+) -> pb.GenerateRequest:
+    """A GenerateRequest: `prompt` is text or chat messages; or pass `token_ids` instead."""
+    request = pb.GenerateRequest(request_id=request_id or "")
+    if (prompt is None) == (token_ids is None):
+        raise ValueError("give exactly one of prompt and token_ids")
+    if token_ids is not None:
+        request.token_ids.ids.extend(token_ids)
+    elif isinstance(prompt, str):
+        request.text = prompt
+    else:
+        messages = [pb.Message(role=m.get("role", "user"), content=m["content"]) for m in prompt]
+        request.conversation.messages.extend(messages)
+    if max_tokens is not None:
+        request.sampling.max_tokens = max_tokens
+    if temperature is not None:
+        request.sampling.temperature = temperature
+    if seed is not None:
+        request.sampling.seed = seed
+    request.sampling.stop.extend(stop)
+    if enable_thinking is not None:
+        request.enable_thinking = enable_thinking
+    if exit is not None:
+        request.overrides.exit = exit
+    if tier is not None:
+        if tier not in TIER_ENUMS:
+            raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(TIER_ENUMS)}")
+        request.overrides.tier = TIER_ENUMS[tier]
+    if node is not None:
+        request.overrides.node = node
+    if handoff_mode is not None:
+        if handoff_mode not in MODE_ENUMS:
+            raise ValueError(f"unknown handoff mode {handoff_mode!r}")
+        request.overrides.handoff_mode = MODE_ENUMS[handoff_mode]
+    for key, value in (escalation or {}).items():
+        if key not in ESCALATION_FIELDS:
+            raise ValueError(f"unknown escalation field {key!r}; fields: {ESCALATION_FIELDS}")
+        setattr(request.escalation, key, value)
+    return request
+
+
+class RouterClient:
+    """Talks to a router at `address`; `timeout` (seconds) bounds each call when given."""
+
+    def __init__(self, address: str, timeout: float | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=channel_options())
+        self._stub = pb_grpc.RouterStub(self._channel)
+
+    def generate(
+        self,
+        prompt: Prompt = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        exit: int | None = None,  # noqa: A002
+        tier: str | None = None,
+        node: str | None = None,
+        handoff_mode: str | None = None,
+        escalation: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        enable_thinking: bool | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[pb.Chunk]:
+        """Stream the answer's chunks; closing the iterator early cancels the request. `prompt`
+        is text or chat messages (or pass `token_ids`); the rest as in `build_request`."""
+        request = build_request(
+            prompt,
+            token_ids=token_ids,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            exit=exit,
+            tier=tier,
+            node=node,
+            handoff_mode=handoff_mode,
+            escalation=escalation,
+            seed=seed,
+            stop=stop,
+            enable_thinking=enable_thinking,
+            request_id=request_id,
+        )
+        call = self._stub.Generate(request, timeout=self.timeout)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def complete(self, prompt: Prompt = None, **kwargs: Any) -> Completion:
+        """The whole answer (arguments as `generate`); checks that token offsets continue."""
+        texts: list[str] = []
+        token_ids: list[int] = []
+        confidence: list[pb.TokenConfidence] = []
+        sources: list[pb.Source] = []
+        done: Completion | None = None
+        for chunk in self.generate(prompt, **kwargs):
+            if done is not None:
+                raise StreamGapError("a chunk arrived after the final chunk")
+            if chunk.token_offset != len(token_ids):
+                raise StreamGapError(
+                    f"chunk starts at token {chunk.token_offset}, expected {len(token_ids)}"
+                )
+            texts.append(chunk.text)
+            token_ids.extend(chunk.token_ids)
+            confidence.extend(chunk.confidence)
+            sources.extend([chunk.source] * len(chunk.token_ids))
+            if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                finish = finish_name(chunk.finish_reason)
+                text = "".join(texts)
+                done = Completion(text, token_ids, confidence, finish, chunk.trace, sources)
+        # Read to the end (not just the final chunk), so the call ends OK rather than cancelled.
+        if done is None:
+            raise StreamGapError("the stream ended without a final chunk")
+        return done
+
+    def route(self, prompt: Prompt = None, **kwargs: Any) -> pb.RouteReply:
+        """Where the router would send this request now (nothing is generated)."""
+        return self._stub.Route(build_request(prompt, **kwargs), timeout=self.timeout)
+
+    def list_nodes(self) -> list[pb.NodeStatus]:
+        return list(self._stub.ListNodes(pb.ListNodesRequest(), timeout=self.timeout).nodes)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RouterClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

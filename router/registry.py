@@ -1,0 +1,232 @@
+"""The router's view of the nodes: one channel and stub per node, a background poller of health
+and `Node.Info`, and the router's own in-flight accounting per node.
+
+A node counts as healthy once a poll found it SERVING; `mark_failed` (a stream broke) makes it
+unhealthy until a poll *started after the failure* succeeds, so a poll already under way cannot
+undo the mark with stale news.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto import ruyiflow_pb2 as pb
+from proto import ruyiflow_pb2_grpc as pb_grpc
+from router.grpc_server import channel_options, service_name
+from router.metrics import RouterMetrics
+from router.policy import NodeLoad
+from router.topology import NodeSpec, Topology
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLL_INTERVAL_S = 0.5
+DEFAULT_RPC_TIMEOUT_S = 0.4  # shorter than the interval, so polls never pile up
+NODE_SERVICE = service_name("Node")
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class NodeState:
+    """What the router knows about one node; mutated only under the registry's lock."""
+
+    spec: NodeSpec
+    channel: grpc.Channel
+    stub: pb_grpc.NodeStub
+    health_stub: health_pb2_grpc.HealthStub
+    is_healthy: bool = False
+    is_draining: bool = False
+    info: pb.NodeInfo | None = None
+    last_seen: float | None = None  # time.monotonic() of the last successful health check
+    failed_at: float = float("-inf")
+    num_in_flight: int = 0  # streams this router has open on the node
+    num_outstanding_tokens: int = 0  # their prompt + max_tokens budgets
+
+
+class NodeRegistry:
+    """Channels, stubs, health and load of every node of `topology` (thread-safe)."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        metrics: RouterMetrics | None = None,
+        poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+        rpc_timeout_s: float = DEFAULT_RPC_TIMEOUT_S,
+    ) -> None:
+        self.topology = topology
+        self._metrics = metrics
+        self._interval = poll_interval_s
+        self._timeout = rpc_timeout_s
+        self._lock = threading.Condition()
+        self._nodes: dict[str, NodeState] = {}
+        for spec in topology.nodes:
+            channel = grpc.insecure_channel(spec.listen, options=channel_options())
+            self._nodes[spec.name] = NodeState(
+                spec, channel, pb_grpc.NodeStub(channel), health_pb2_grpc.HealthStub(channel)
+            )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> NodeRegistry:
+        """Poll once now, then every interval in a daemon thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="node-poller", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.poll_once()
+            self._stop.wait(max(0.0, self._interval - (time.monotonic() - started)))
+
+    def poll_once(self) -> None:
+        """Check every node concurrently (health, then Info) and record the answers."""
+        started = time.monotonic()
+        checks = {
+            name: node.health_stub.Check.future(
+                health_pb2.HealthCheckRequest(service=NODE_SERVICE), timeout=self._timeout
+            )
+            for name, node in self._nodes.items()
+        }
+        infos = {
+            name: node.stub.Info.future(pb.InfoRequest(), timeout=self._timeout)
+            for name, node in self._nodes.items()
+        }
+        for name, node in self._nodes.items():
+            is_serving = self._is_serving(node, checks[name])
+            try:
+                info = infos[name].result() if is_serving else None
+            except grpc.RpcError as exc:
+                log.debug("Info of %s failed: %s", name, exc.code())
+                info, is_serving = None, False
+            self._record(node, started, is_serving, info)
+
+    def _is_serving(self, node: NodeState, check: grpc.Future) -> bool:
+        try:
+            return check.result().status == _SERVING
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                return False
+        # A node that registers only the server-wide status ("") is judged by that.
+        try:
+            reply = node.health_stub.Check(health_pb2.HealthCheckRequest(), timeout=self._timeout)
+        except grpc.RpcError:
+            return False
+        return reply.status == _SERVING
+
+    def _record(
+        self, node: NodeState, started: float, is_serving: bool, info: pb.NodeInfo | None
+    ) -> None:
+        with self._lock:
+            if is_serving and started < node.failed_at:
+                return  # stale good news from before a failure; the next poll decides
+            was_healthy = node.is_healthy
+            node.is_healthy = is_serving
+            if info is not None:
+                node.info = info
+                node.is_draining = info.draining
+                node.last_seen = time.monotonic()
+            self._lock.notify_all()
+        if was_healthy != is_serving:
+            log.info("node %s is %s", node.spec.name, "up" if is_serving else "down")
+        if self._metrics is not None:
+            self._metrics.set_node_up(node.spec.name, is_serving)
+
+    def mark_failed(self, name: str) -> None:
+        """A stream to `name` broke: unhealthy until a later poll finds it serving."""
+        with self._lock:
+            node = self._nodes[name]
+            node.is_healthy = False
+            node.failed_at = time.monotonic()
+        if self._metrics is not None:
+            self._metrics.set_node_up(name, False)
+
+    def wait_ready(self, timeout: float, names: Sequence[str] | None = None) -> bool:
+        """Wait until every node (or those named) is healthy; False on timeout."""
+        wanted = [self._nodes[n] for n in (names if names is not None else self._nodes)]
+        with self._lock:
+            return self._lock.wait_for(lambda: all(n.is_healthy for n in wanted), timeout)
+
+    def loads(self, candidates: Sequence[str]) -> list[NodeLoad]:
+        """Load of each candidate: the node's last report combined with this router's own
+        streams. The report lags by up to a poll and the router's count misses other routers'
+        traffic, so each field takes the larger of the two (adding them would count the
+        router's streams twice once the node reports them)."""
+        out = []
+        with self._lock:
+            for name in candidates:
+                node = self._nodes[name]
+                load = node.info.load if node.info is not None else pb.Load()
+                out.append(
+                    NodeLoad(
+                        name=name,
+                        healthy=node.is_healthy,
+                        draining=node.is_draining,
+                        running=max(load.running, node.num_in_flight),
+                        queued=load.queued,
+                        outstanding_tokens=max(
+                            load.outstanding_tokens, node.num_outstanding_tokens
+                        ),
+                    )
+                )
+        return out
+
+    def acquire(self, name: str, num_tokens: int) -> None:
+        """Count one router stream of `num_tokens` budgeted tokens on `name` (see `loads`)."""
+        with self._lock:
+            node = self._nodes[name]
+            node.num_in_flight += 1
+            node.num_outstanding_tokens += num_tokens
+
+    def release(self, name: str, num_tokens: int) -> None:
+        """Undo one `acquire`."""
+        with self._lock:
+            node = self._nodes[name]
+            node.num_in_flight -= 1
+            node.num_outstanding_tokens -= num_tokens
+
+    def stub(self, name: str) -> pb_grpc.NodeStub:
+        return self._nodes[name].stub
+
+    def spec(self, name: str) -> NodeSpec:
+        return self._nodes[name].spec
+
+    def info(self, name: str) -> pb.NodeInfo | None:
+        with self._lock:
+            return self._nodes[name].info
+
+    def is_available(self, name: str) -> bool:
+        with self._lock:
+            node = self._nodes[name]
+            return node.is_healthy and not node.is_draining
+
+    def statuses(self) -> list[pb.NodeStatus]:
+        """Every node in topology order, as `ListNodes` reports it."""
+        now = time.monotonic()
+        out = []
+        with self._lock:
+            for node in self._nodes.values():
+                status = pb.NodeStatus(
+                    name=node.spec.name, address=node.spec.listen, healthy=node.is_healthy
+                )
+                if node.info is not None:
+                    status.info.CopyFrom(node.info)
+                if node.last_seen is not None:
+                    status.last_seen_ms_ago = (now - node.last_seen) * 1000.0
+                out.append(status)
+        return out
+
+    def close(self) -> None:
+        """Stop polling and close every channel."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for node in self._nodes.values():
+            node.channel.close()

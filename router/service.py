@@ -1,0 +1,201 @@
+"""The `Router` gRPC service: Generate (score → plan → stream, with handoffs and failover),
+Route (the same decision as a dry run) and ListNodes.
+
+Handlers translate and delegate: validation is `router.requests`, the decision `router.policy`,
+the stream `router.session`. Domain exceptions become statuses in the interceptor
+(`router.grpc_errors`); nothing here picks a status code.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import grpc
+
+from proto import ruyiflow_pb2 as pb
+from proto import ruyiflow_pb2_grpc as pb_grpc
+from router.errors import InvalidRequest, NodeUnavailable, Overloaded
+from router.grpc_errors import UpstreamStatus
+from router.grpc_server import Admission
+from router.metrics import RouterMetrics
+from router.policy import Overrides, RoutePlan, pick_node, plan_route
+from router.registry import NodeRegistry
+from router.requests import TIER_ENUMS, overrides_of, score_request, validate_request
+from router.scorer import Scorer
+from router.session import RequestSession
+from router.topology import Topology
+from router.trace import TraceBuilder
+
+_CODE_OUTCOMES = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.FAILED_PRECONDITION: "invalid",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+}
+
+
+def outcome_of(exc: BaseException) -> str:
+    """Metric outcome label of a request that ended with `exc`."""
+    if isinstance(exc, GeneratorExit):
+        return "cancelled"  # the client went away between two chunks
+    if isinstance(exc, InvalidRequest):
+        return "invalid"
+    if isinstance(exc, NodeUnavailable):
+        return "unavailable"
+    if isinstance(exc, Overloaded):
+        return "overloaded"
+    if isinstance(exc, UpstreamStatus):
+        return _CODE_OUTCOMES.get(exc.code, "error")
+    return "error"
+
+
+class _LoadGauge:
+    """In-flight (streams open) and queued (not yet placed on a node) Generate calls."""
+
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self.num_in_flight = 0
+        self.num_queued = 0
+
+    def add(self, in_flight: int, queued: int) -> None:
+        with self._lock:
+            self.num_in_flight += in_flight
+            self.num_queued += queued
+            self._metrics.set_load(self.num_in_flight, self.num_queued)
+
+
+class _Report:
+    """One Generate call's bookkeeping: gauges while it runs, metrics once it ends. `finish`
+    runs before the final chunk is sent (so a client that saw it sees the metrics too) and
+    again on exit, where it does nothing."""
+
+    def __init__(self, servicer: RouterServicer) -> None:
+        self._servicer = servicer
+        self.trace = TraceBuilder(time.monotonic())
+        self.plan: RoutePlan | None = None
+        self._is_placed = self._is_finished = False
+        servicer._load.add(1, 1)
+
+    def placed(self) -> None:
+        if not self._is_placed and not self._is_finished:
+            self._is_placed = True
+            self._servicer._load.add(0, -1)
+
+    def finish(self, outcome: str) -> None:
+        if self._is_finished:
+            return
+        self._is_finished = True
+        self._servicer._load.add(-1, 0 if self._is_placed else -1)
+        self._servicer._observe(self.plan, self.trace, outcome)
+
+
+class RouterServicer(pb_grpc.RouterServicer):
+    """Router service over a topology, a node registry, a scorer and metrics."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        registry: NodeRegistry,
+        scorer: Scorer,
+        metrics: RouterMetrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.topology = topology
+        self.registry = registry
+        self.scorer = scorer
+        self.metrics = metrics
+        self.rng = rng or random.Random()
+        self.admission = Admission("router")
+        self._load = _LoadGauge(metrics)
+
+    def Generate(  # noqa: N802 (gRPC method name)
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Chunk]:
+        report = None
+        try:
+            with self.admission.admit():
+                report = _Report(self)
+                overrides, report.plan = self._decide(request, report.trace)  # score and plan
+                session = RequestSession(
+                    self.topology,
+                    self.registry,
+                    self.metrics,
+                    self.rng,
+                    request,
+                    request.request_id or uuid.uuid4().hex,
+                    overrides.handoff_mode or self.topology.router.handoff.mode,
+                    report.trace,
+                    context,
+                    on_placed=report.placed,
+                    on_final=lambda: report.finish("ok"),
+                )
+                yield from session.run(report.plan)  # stream, hand off, fail over
+                report.finish("cancelled" if session.is_cancelled else "ok")
+        except BaseException as exc:
+            if report is None:
+                self.metrics.observe_rejected(outcome_of(exc))  # refused while draining
+            else:
+                report.finish(outcome_of(exc))
+            raise
+
+    def _decide(
+        self, request: pb.GenerateRequest, trace: TraceBuilder | None = None
+    ) -> tuple[Overrides, RoutePlan]:
+        """Validate, score (into `trace`) and plan; InvalidRequest for bad input or overrides."""
+        validate_request(request)
+        overrides = overrides_of(request, self.topology)
+        score = score_request(self.scorer, request)
+        if trace is not None:
+            trace.difficulty = score
+            trace.is_scored = True
+        return overrides, plan_route(self.topology, score, overrides)
+
+    def _observe(self, plan: RoutePlan | None, trace: TraceBuilder, outcome: str) -> None:
+        first = trace.first_served() or (None if plan is None else (plan.tier, plan.exit))
+        if first is None:
+            self.metrics.observe_rejected(outcome, trace.difficulty if trace.is_scored else None)
+            return
+        total_s = time.monotonic() - trace.started
+        self.metrics.observe_request(
+            first[0],
+            first[1],
+            outcome,
+            score=trace.difficulty,
+            ttft_s=trace.ttft_s(),
+            total_s=total_s if outcome == "ok" else None,
+        )
+
+    def Route(  # noqa: N802
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> pb.RouteReply:
+        trace = TraceBuilder(time.monotonic())
+        _, plan = self._decide(request, trace)
+        try:
+            node = pick_node(self.registry.loads(plan.candidates), self.rng).name
+        except NodeUnavailable:
+            raise NodeUnavailable(f"no healthy node serves exit {plan.exit}") from None
+        return pb.RouteReply(
+            difficulty=trace.difficulty,
+            tier=TIER_ENUMS[plan.tier],
+            exit=plan.exit,
+            node=node,
+            node_address=self.registry.spec(node).listen,
+        )
+
+    def ListNodes(  # noqa: N802
+        self, request: pb.ListNodesRequest, context: grpc.ServicerContext
+    ) -> pb.ListNodesReply:
+        return pb.ListNodesReply(nodes=self.registry.statuses())
+
+    def begin_drain(self) -> int:
+        """Refuse new Generate calls (UNAVAILABLE); returns how many are in flight."""
+        return self.admission.begin_drain()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait for in-flight Generate calls to finish; False if `timeout` passed first."""
+        return self.admission.wait_idle(timeout)

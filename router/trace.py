@@ -1,0 +1,165 @@
+"""The route trace of one request, built while it streams: spans, handoffs, timing, retries.
+
+Times are `time.monotonic()` seconds; the trace reports milliseconds since the router received
+the request. `queue_ms` is the time until the first node call was placed (scoring, planning and
+waiting for a node), `ttft_ms` until the first token reached the client.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from proto import ruyiflow_pb2 as pb
+from router.metrics import RouterMetrics
+from router.requests import MODE_ENUMS, TIER_ENUMS
+
+REASON_LABELS = {
+    pb.HANDOFF_REASON_LOW_CONFIDENCE: "low_confidence",
+    pb.HANDOFF_REASON_FORCED: "forced",
+    pb.HANDOFF_REASON_NODE_FAILURE: "node_failure",
+    pb.HANDOFF_REASON_DRAIN: "drain",
+}
+
+
+def reason_label(reason: int) -> str:
+    """Metric label of a pb.HandoffReason (unspecified counts as low confidence)."""
+    return REASON_LABELS.get(reason, "low_confidence")
+
+
+@dataclass
+class PendingMove:
+    """A move whose cost is known once its destination answers: then `TraceBuilder.record_move`
+    turns it into a HandoffRecord and a metrics observation."""
+
+    from_node: str
+    from_tier: str
+    from_exit: int
+    mode: str  # hidden | tokens
+    reason: int  # pb.HandoffReason
+    started: float
+    num_bytes: int = 0
+    pushed: bool = False
+
+
+class TraceBuilder:
+    """Accumulates a `RouteTrace`; one per request, used from the request's thread only."""
+
+    def __init__(self, started: float, difficulty: float = 0.0) -> None:
+        self.started = started
+        self.difficulty = difficulty
+        self.is_scored = False
+        self.placed_at: float | None = None
+        self.first_token_at: float | None = None
+        self.spans: list[pb.RouteSpan] = []
+        self.handoffs: list[pb.HandoffRecord] = []
+        self.num_retries = 0
+        self.num_tokens = 0
+
+    @property
+    def current(self) -> pb.RouteSpan | None:
+        return self.spans[-1] if self.spans else None
+
+    def open_span(self, node: str, tier: str, exit_: int) -> None:
+        """A node starts serving the request at `exit_`; the first call also ends queueing."""
+        if self.placed_at is None:
+            self.placed_at = time.monotonic()
+        self.spans.append(pb.RouteSpan(node=node, tier=TIER_ENUMS[tier], exit=exit_))
+
+    def drop_empty_span(self) -> None:
+        """Forget the last span if it produced nothing (a destination that never answered)."""
+        if self.spans and self.spans[-1].num_tokens == 0:
+            self.spans.pop()
+
+    def add_tokens(self, num_tokens: int, now: float) -> None:
+        if num_tokens and self.first_token_at is None:
+            self.first_token_at = now
+        self.num_tokens += num_tokens
+        if self.current is not None:
+            self.current.num_tokens += num_tokens
+
+    def add_handoff(
+        self,
+        from_node: str,
+        to_node: str,
+        from_exit: int,
+        to_exit: int,
+        mode: int = pb.HANDOFF_MODE_UNSPECIFIED,
+        num_bytes: int = 0,
+        duration_s: float = 0.0,
+        reason: int = pb.HANDOFF_REASON_LOW_CONFIDENCE,
+        pushed: bool = False,
+    ) -> pb.HandoffRecord:
+        record = pb.HandoffRecord(
+            from_node=from_node,
+            to_node=to_node,
+            from_exit=from_exit,
+            to_exit=to_exit,
+            mode=mode,
+            num_bytes=num_bytes,
+            duration_ms=duration_s * 1000.0,
+            reason=reason,
+            pushed=pushed,
+        )
+        self.handoffs.append(record)
+        return record
+
+    def record_move(
+        self,
+        move: PendingMove,
+        to_node: str,
+        to_tier: str,
+        to_exit: int,
+        num_bytes: int,
+        metrics: RouterMetrics,
+    ) -> None:
+        """A move between nodes completed: trace it and count it (time ends now)."""
+        seconds = time.monotonic() - move.started
+        mode = MODE_ENUMS[move.mode]
+        self.add_handoff(
+            move.from_node,
+            to_node,
+            move.from_exit,
+            to_exit,
+            mode,
+            num_bytes,
+            seconds,
+            move.reason,
+            move.pushed,
+        )
+        label = reason_label(move.reason)
+        metrics.observe_handoff(move.from_tier, to_tier, move.mode, label, num_bytes, seconds)
+
+    def record_branch_switch(
+        self, node: str, tier: str, from_exit: int, to_exit: int, metrics: RouterMetrics
+    ) -> None:
+        """A node escalated in place: a zero-byte move on one node and a new span."""
+        self.add_handoff(node, node, from_exit, to_exit)
+        if to_exit > from_exit:
+            metrics.observe_escalation(tier, tier, "low_confidence")
+        self.open_span(node, tier, to_exit)
+
+    def first_served(self) -> tuple[str, int] | None:
+        """(tier, exit) of the first span that produced tokens, else of the first span."""
+        spans = [s for s in self.spans if s.num_tokens] or self.spans
+        if not spans:
+            return None
+        tier = next(name for name, value in TIER_ENUMS.items() if value == spans[0].tier)
+        return tier, spans[0].exit
+
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    def build(self, now: float) -> pb.RouteTrace:
+        def ms(at: float | None) -> float:
+            return 0.0 if at is None else (at - self.started) * 1000.0
+
+        return pb.RouteTrace(
+            spans=self.spans,
+            handoffs=self.handoffs,
+            difficulty=self.difficulty,
+            timing=pb.Timing(
+                queue_ms=ms(self.placed_at), ttft_ms=ms(self.first_token_at), total_ms=ms(now)
+            ),
+            num_retries=self.num_retries,
+        )

@@ -1,0 +1,108 @@
+"""Route traces for people and for JSON: `format_trace` (what `ruyiflow query` prints after the
+answer) and `trace_to_dict` (what `--json` emits). Enum values appear as short lowercase names
+(`edge`, `hidden`, `low_confidence`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proto import ruyiflow_pb2 as pb
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    try:
+        name = enum.Name(value)
+    except ValueError:
+        return str(value)
+    return name.removeprefix(prefix).lower()
+
+
+def tier_name(value: int) -> str:
+    return _enum_name(pb.Tier, value, "TIER_")
+
+
+def mode_name(value: int) -> str:
+    return _enum_name(pb.HandoffMode, value, "HANDOFF_MODE_")
+
+
+def reason_name(value: int) -> str:
+    return _enum_name(pb.HandoffReason, value, "HANDOFF_REASON_")
+
+
+def finish_name(value: int) -> str:
+    return _enum_name(pb.FinishReason, value, "FINISH_REASON_")
+
+
+def trace_to_dict(trace: pb.RouteTrace) -> dict[str, Any]:
+    """Plain JSON-ready dict of a RouteTrace."""
+    return {
+        "difficulty": round(float(trace.difficulty), 4),
+        "spans": [
+            {
+                "node": s.node,
+                "tier": tier_name(s.tier),
+                "exit": s.exit,
+                "num_tokens": s.num_tokens,
+            }
+            for s in trace.spans
+        ],
+        "handoffs": [
+            {
+                "from_node": h.from_node,
+                "to_node": h.to_node,
+                "from_exit": h.from_exit,
+                "to_exit": h.to_exit,
+                "mode": mode_name(h.mode),
+                "num_bytes": h.num_bytes,
+                "duration_ms": round(h.duration_ms, 3),
+                "reason": reason_name(h.reason),
+                "pushed": h.pushed,
+            }
+            for h in trace.handoffs
+        ],
+        "timing": {
+            "queue_ms": round(trace.timing.queue_ms, 3),
+            "ttft_ms": round(trace.timing.ttft_ms, 3),
+            "total_ms": round(trace.timing.total_ms, 3),
+        },
+        "num_retries": trace.num_retries,
+    }
+
+
+def format_bytes(num_bytes: int) -> str:
+    if num_bytes < 1 << 10:
+        return f"{num_bytes} B"
+    if num_bytes < 1 << 20:
+        return f"{num_bytes / (1 << 10):.1f} KiB"
+    return f"{num_bytes / (1 << 20):.1f} MiB"
+
+
+def format_trace(trace: pb.RouteTrace) -> str:
+    """Multi-line, human-readable route trace."""
+    num_tokens = sum(s.num_tokens for s in trace.spans)
+    lines = [
+        f"route: difficulty {trace.difficulty:.2f}, {num_tokens} tokens, "
+        f"{len(trace.handoffs)} handoff(s), {trace.num_retries} retr"
+        + ("y" if trace.num_retries == 1 else "ies")
+    ]
+    for span in trace.spans:
+        lines.append(
+            f"  span     {span.node:<12} {tier_name(span.tier):<5} exit {span.exit:<4} "
+            f"{span.num_tokens} tokens"
+        )
+    for move in trace.handoffs:
+        where = f"{move.from_node}@{move.from_exit} -> {move.to_node}@{move.to_exit}"
+        if move.from_node == move.to_node and move.mode == pb.HANDOFF_MODE_UNSPECIFIED:
+            how = "branch switch"
+        else:
+            how = (
+                f"{mode_name(move.mode)}, {format_bytes(move.num_bytes)}, "
+                f"{move.duration_ms:.1f} ms, {'pushed' if move.pushed else 'relayed'}"
+            )
+        lines.append(f"  handoff  {where} ({reason_name(move.reason)}): {how}")
+    timing = trace.timing
+    lines.append(
+        f"timing: queue {timing.queue_ms:.1f} ms, first token {timing.ttft_ms:.1f} ms, "
+        f"total {timing.total_ms:.1f} ms"
+    )
+    return "\n".join(lines)
