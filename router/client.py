@@ -75,15 +75,19 @@ def build_request(
     stop: Sequence[str] = (),
     enable_thinking: bool | None = None,
     request_id: str | None = None,
+    raw: bool = False,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest: `prompt` is text or chat messages; or pass `token_ids` instead."""
+    """A GenerateRequest: `prompt` is a user message (rendered with the model's chat template),
+    chat messages, or with `raw=True` text fed as is; or pass `token_ids` instead."""
     request = pb.GenerateRequest(request_id=request_id or "")
     if (prompt is None) == (token_ids is None):
         raise ValueError("give exactly one of prompt and token_ids")
     if token_ids is not None:
         request.token_ids.ids.extend(token_ids)
-    elif isinstance(prompt, str):
+    elif isinstance(prompt, str) and raw:
         request.text = prompt
+    elif isinstance(prompt, str):
+        request.conversation.messages.append(pb.Message(role="user", content=prompt))
     else:
         messages = [pb.Message(role=m.get("role", "user"), content=m["content"]) for m in prompt]
         request.conversation.messages.extend(messages)
@@ -140,6 +144,7 @@ class RouterClient:
         stop: Sequence[str] = (),
         enable_thinking: bool | None = None,
         request_id: str | None = None,
+        raw: bool = False,
     ) -> Iterator[pb.Chunk]:
         """Stream the answer's chunks; closing the iterator early cancels the request. `prompt`
         is text or chat messages (or pass `token_ids`); the rest as in `build_request`."""
@@ -157,6 +162,7 @@ class RouterClient:
             stop=stop,
             enable_thinking=enable_thinking,
             request_id=request_id,
+            raw=raw,
         )
         call = self._stub.Generate(request, timeout=self.timeout)
         try:

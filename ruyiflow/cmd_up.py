@@ -79,11 +79,28 @@ class Cluster:
             if progress and line != last:
                 print(f"[up] {line}", file=sys.stderr, flush=True)
                 last = line
-            if all(s == "SERVING" for s in states.values()):
+            if all(s == "SERVING" for s in states.values()) and self._router_sees_nodes():
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not healthy after {timeout:.0f}s: {line}")
             time.sleep(0.5)
+
+    def _router_sees_nodes(self) -> bool:
+        """The router has polled every node healthy (its registry lags process health)."""
+        import grpc
+
+        from proto import ruyiflow_pb2 as pb
+        from proto import ruyiflow_pb2_grpc as pb_grpc
+
+        router = [addr for name, _, addr in self.specs if name == "router"]
+        if not router:
+            return True
+        with grpc.insecure_channel(router[0]) as channel:
+            try:
+                reply = pb_grpc.RouterStub(channel).ListNodes(pb.ListNodesRequest(), timeout=2)
+            except grpc.RpcError:
+                return False
+        return all(n.healthy for n in reply.nodes)
 
     def stop(self, grace: float = 15.0) -> None:
         for p in self.children.values():

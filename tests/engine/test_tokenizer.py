@@ -178,7 +178,7 @@ def test_smollm2_chat_template_matches_transformers(ours, hf, messages, add_gene
     assert ours.encode(text) == list(ids)
 
 
-# ---- (c) Hugging Face directory with a Qwen3-style template ---------------------------------------
+# ---- (c) Hugging Face directory with a Qwen3-style template -------------------------------------
 
 QWEN3_STYLE = """\
 {%- if tools %}
@@ -217,8 +217,13 @@ QWEN3_STYLE = """\
 {%- endif %}
 """
 
-TOOLS = [{"type": "function", "function": {"name": "météo", "description": "Wetter <heute>",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "météo", "description": "Wetter <heute>", "parameters": CITY},
+    }
+]
 
 
 @pytest.fixture(scope="module")

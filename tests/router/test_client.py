@@ -99,10 +99,10 @@ def test_complete_checks_offsets() -> None:
     served = serve_grpc([(pb_grpc.add_RouterServicer_to_server, GappyRouter())], "127.0.0.1:0", [])
     try:
         with RouterClient(f"127.0.0.1:{served.port}", timeout=5) as client:
-            done = client.complete("2")
+            done = client.complete("2", raw=True)
             assert done.token_ids == [1, 2, 3] and done.finish_reason == "stop"
             assert done.as_dict()["trace"]["difficulty"] == 0.42
             with pytest.raises(StreamGapError, match="expected 2"):
-                client.complete("3")
+                client.complete("3", raw=True)
     finally:
         served.stop(0)
