@@ -111,14 +111,13 @@ def decoder_layer(
     H, KVH, D = geo.num_heads, geo.num_kv_heads, geo.head_dim
     x, _ = rms_norm(h, layer.input_norm, geo.eps)
     qkv = F.linear(x, layer.w_qkv, layer.b_qkv)  # [N, (H + 2KVH) * D]
-    q = qkv[:, : H * D].view(n, H, D)
-    k = qkv[:, H * D : (H + KVH) * D].view(n, KVH, D)
+    qk = qkv[:, : (H + KVH) * D].view(n, H + KVH, D)
     v = qkv[:, (H + KVH) * D :].view(n, KVH, D)
     if layer.q_norm is not None:
-        q = _head_norm(q, layer.q_norm, geo.eps)
-        k = _head_norm(k, layer.k_norm, geo.eps)
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
+        qk = torch.cat([_head_norm(qk[:, :H], layer.q_norm, geo.eps),
+                        _head_norm(qk[:, H:], layer.k_norm, geo.eps)], dim=1)
+    qk = apply_rope(qk, cos, sin)  # q and k heads rotated together
+    q, k = qk[:, :H], qk[:, H:]
     o = attention(q, k, v, segments, caches, D**-0.5)  # [N, H, D]
     attn_out = F.linear(o.reshape(n, H * D), layer.w_o)
     x, h = rms_norm(attn_out, layer.post_norm, geo.eps, residual=h)

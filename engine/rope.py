@@ -43,7 +43,11 @@ class RopeTable:
         freqs = torch.outer(positions, self.inv_freq)  # [size, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [size, D] (rotate_half layout)
         self.cos = emb.cos().to(self.dtype)
-        self.sin = emb.sin().to(self.dtype)
+        sin = emb.sin()
+        half = sin.shape[-1] // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]: one op fewer per call, and
+        # bitwise the same (negating a factor is exact).
+        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)
 
     def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [N] int64 -> (cos, sin) each [N, D]."""
@@ -54,9 +58,7 @@ class RopeTable:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, heads, D]; cos/sin [N, D]. Same arithmetic as HF `apply_rotary_pos_emb`."""
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
+    """x [N, heads, D]; cos/sin [N, D] from `RopeTable.gather` (sin sign-folded). Same values
+    as HF `apply_rotary_pos_emb`: x * cos + rotate_half(x) * sin."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return x * cos.unsqueeze(1) + torch.roll(x, half, dims=-1) * sin.unsqueeze(1)

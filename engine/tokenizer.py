@@ -139,9 +139,10 @@ class Tokenizer:
             model = {} if has_eos else read_json(root / "config.json")
         except ValueError as exc:
             raise TokenizerError(str(exc)) from exc
-        for entry in (config.get("added_tokens_decoder") or {}).values():
+        declared = config.get("added_tokens_decoder")
+        for entry in declared.values() if isinstance(declared, dict) else ():
             # Tokens declared in tokenizer_config.json only (transformers adds them too).
-            content = _token_text(entry)
+            content = _token_text(entry) if isinstance(entry, dict) else None
             if content is not None and backend.token_to_id(content) is None:
                 special = bool(entry.get("special"))
                 token = AddedToken(content, special=special, normalized=False)
@@ -150,11 +151,10 @@ class Tokenizer:
         eos = [backend.token_to_id(special["eos_token"])] if "eos_token" in special else []
         eos += _int_list(generation.get("eos_token_id"), root / "generation_config.json")
         eos += _int_list(model.get("eos_token_id"), root / "config.json")
+        bos = backend.token_to_id(special["bos_token"]) if "bos_token" in special else None
         return cls(
             backend,
-            bos_token_id=backend.token_to_id(special["bos_token"])
-            if "bos_token" in special
-            else None,
+            bos_token_id=bos,
             eos_token_ids=_stop_ids(backend, eos, [template or "", *named.values()]),
             chat_template=template,
             named_templates=named,
