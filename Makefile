@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml scripts/install.sh
 install: $(STAMP)
 
 up: install
-	$(BIN)/ruyiflow generate "What is the capital of France?"
+	$(BIN)/ruyiflow up --demo
 
 test: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests

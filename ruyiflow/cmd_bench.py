@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHES = {"engine": "bench.engine"}
+BENCHES = {"engine": "bench.engine", "cluster": "bench.cluster"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
