@@ -165,3 +165,16 @@ def test_real_prometheus_scrapes_every_target_up(cluster, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_query_cli_prints_answer_and_trace(cluster):
+    import sys
+
+    cmd = [sys.executable, "-m", "ruyiflow", "query", "--router", cluster.addr["router"],
+           "--max-tokens", "4", "--exit", "20"]
+    result = subprocess.run([*cmd, "--json", "Hi"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert len(out["token_ids"]) == 4 and out["trace"]["spans"][0]["node"] == "cloud-0"
+    result = subprocess.run([*cmd, "Hi"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "cloud-0" in result.stderr and "route" in result.stderr
