@@ -5,7 +5,8 @@ torch's CPU paths for `x [M, in] @ W[out, in].T` with small M stream float32 wei
 the machine's read bandwidth and bfloat16 weights at a few percent of it; the C kernel streams
 both at close to the bandwidth (see `bench/cpu_gemv.py`). It applies to CPU tensors, contiguous
 x [M, in] with 1 <= M <= 16 and W [out, in] (the nn.Linear layout), float32 or bfloat16 with x,
-weight and bias all of one dtype, outside autograd; everything else goes to `F.linear`.
+weight and bias all of one dtype, outside autograd, on a CPU with AVX-512 (the C file's scalar
+fallback is slower than `F.linear`); everything else goes to `F.linear`.
 
 The library is compiled on first use with `gcc -O3 -march=native -fopenmp` into
 `$RUYIFLOW_CACHE` (default `~/.cache/ruyiflow/kernels/`), named by a hash of the source, the
@@ -84,6 +85,7 @@ def build(directory: Path | None = None) -> Path:
         )
         if proc.returncode != 0:
             raise RuntimeError(f"gcc failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp made it private
         os.replace(tmp, path)  # atomic: another process sees no file or a whole one
     finally:
         if os.path.exists(tmp):
@@ -92,7 +94,7 @@ def build(directory: Path | None = None) -> Path:
 
 
 def is_available() -> bool:
-    """Whether `cpu_linear` can use the C kernel: enabled, built and loaded (builds on first use)."""
+    """Whether `cpu_linear` can use the C kernel: enabled, built and loaded (builds if needed)."""
     return bool(_load())
 
 
@@ -118,6 +120,7 @@ def cpu_linear(
     if (
         fn is not None
         and x.dim() == 2
+        and weight.dim() == 2
         and weight.dtype is x.dtype
         and x.is_cpu
         and weight.is_cpu
@@ -128,7 +131,12 @@ def cpu_linear(
     ):
         num_rows, in_features = x.shape
         out_features, w_in = weight.shape
-        if 1 <= num_rows <= MAX_ROWS and w_in == in_features and out_features <= INT_MAX:
+        if (
+            1 <= num_rows <= MAX_ROWS
+            and w_in == in_features
+            and 0 < in_features <= INT_MAX
+            and 0 < out_features <= INT_MAX
+        ):
             y = torch.empty(num_rows, out_features, dtype=x.dtype)  # [M, out]
             b = None if bias is None else bias.data_ptr()
             threads = torch.get_num_threads()
@@ -164,6 +172,8 @@ def _load_kernels() -> dict[torch.dtype, ctypes._CFuncPtr]:
     try:
         lib = ctypes.CDLL(str(build()))
         f32, bf16 = lib.ruyiflow_gemv_f32, lib.ruyiflow_gemv_bf16
+        if not lib.ruyiflow_gemv_simd():  # the plain-C loops lose to F.linear
+            raise RuntimeError("this CPU has no AVX-512 (the library holds the scalar fallback)")
     except Exception as e:  # no gcc, a failed build, an unloadable file: F.linear serves
         log.warning("CPU GEMV kernel unavailable, using F.linear: %s", e)
         return {}

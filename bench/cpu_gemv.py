@@ -1,0 +1,112 @@
+"""`python -m bench.cpu_gemv`: weight streaming rate of `kernels.cpu_gemv.cpu_linear` against
+`F.linear` for decode-sized x [M, in], on the matrices of a SmolLM2-135M-shaped model.
+
+One "token" runs every matrix once (30 layers of qkv, o, gate_up, down, then the LM head), so the
+weights (0.54 GB float32, 0.27 GB bfloat16) never stay in cache, as in decode. GB/s counts weight
+bytes only; the bound is `x.sum()` over a 1 GiB buffer, sampled between passes. Figures are
+medians: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kernels.cpu_gemv import cpu_linear, is_available
+
+HIDDEN, INTERMEDIATE, NUM_LAYERS, VOCAB = 576, 1536, 30, 49152
+# [out, in] per layer: fused qkv (9 + 3 + 3 heads of 64), o, fused gate_up, down.
+LAYER_SHAPES = [(960, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]
+
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=10, help="timed passes per measurement")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="values of M")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+
+
+class Bound:
+    """`x.sum()` over a 1 GiB float32 buffer: the read bandwidth the kernels are measured against.
+
+    Sampled after every timed pass, so each figure is compared with the bandwidth of the same
+    moment: on a shared machine it drifts by tens of percent within a run.
+    """
+
+    def __init__(self, gib: float = 1.0) -> None:
+        self.x = torch.ones(int(gib * 2**30) // 4)
+        self.x.sum()
+        self.samples: list[float] = []
+
+    def sample(self) -> None:
+        t = time.perf_counter()
+        self.x.sum()
+        self.samples.append(self.x.numel() * 4 / (time.perf_counter() - t))
+
+    def median(self, last: int | None = None) -> float:
+        """Bytes/s: the median of all samples, or of the last `last`."""
+        samples = sorted(self.samples[-last:] if last else self.samples)
+        return samples[len(samples) // 2]
+
+
+def model_weights(dtype: torch.dtype) -> list[torch.Tensor]:
+    shapes = LAYER_SHAPES * NUM_LAYERS + [(VOCAB, HIDDEN)]
+    return [torch.randn(shape).mul_(0.02).to(dtype) for shape in shapes]
+
+
+def seconds_per_token(
+    linear: Linear, weights: list[torch.Tensor], xs: dict, tokens: int, bound: Bound
+) -> float:
+    """Median seconds of one pass over all weights (after a warm-up pass)."""
+    times = []
+    for step in range(tokens + 1):
+        t = time.perf_counter()
+        for w in weights:
+            linear(xs[w.shape[1]], w, None)
+        if step:
+            times.append(time.perf_counter() - t)
+            bound.sample()
+    return sorted(times)[len(times) // 2]
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.manual_seed(0)
+    bound = Bound()
+    print(f"threads {torch.get_num_threads()}  kernel available {is_available()}")
+    header = ("dtype", 9), ("M", 3), ("path", 10), ("ms/token", 9), ("GB/s", 6), ("bound", 6)
+    print(" ".join(f"{name:>{width}}" for name, width in header), f"{'of bound':>8}")
+    with torch.inference_mode():
+        for name in args.dtypes:
+            dtype = getattr(torch, name)
+            weights = model_weights(dtype)
+            num_bytes = sum(w.numel() * w.element_size() for w in weights)
+            for rows in args.rows:
+                xs = {n: torch.randn(rows, n).to(dtype) for n in {w.shape[1] for w in weights}}
+                rates = {}
+                for label, linear in (("F.linear", F.linear), ("cpu_linear", cpu_linear)):
+                    s = seconds_per_token(linear, weights, xs, args.tokens, bound)
+                    rates[label] = rate = num_bytes / s
+                    near = bound.median(last=args.tokens)
+                    print(
+                        f"{name:>9} {rows:>3} {label:>10} {s * 1e3:>9.2f} {rate / 1e9:>6.1f} "
+                        f"{near / 1e9:>6.1f} {rate / near:>7.0%}"
+                    )
+                print(f"{'':>14} speed-up {rates['cpu_linear'] / rates['F.linear']:.1f}x")
+            del weights
+    print(f"bound: x.sum() over 1 GiB, median of the run  {bound.median() / 1e9:.1f} GB/s")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
