@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import rms_norm
+from kernels.cpu_gemv import cpu_linear as linear
 from engine.rope import apply_rope
 
 
@@ -110,7 +111,7 @@ def decoder_layer(
     n = h.shape[0]
     H, KVH, D = geo.num_heads, geo.num_kv_heads, geo.head_dim
     x, _ = rms_norm(h, layer.input_norm, geo.eps)
-    qkv = F.linear(x, layer.w_qkv, layer.b_qkv)  # [N, (H + 2KVH) * D]
+    qkv = linear(x, layer.w_qkv, layer.b_qkv)  # [N, (H + 2KVH) * D]
     qk = qkv[:, : (H + KVH) * D].view(n, H + KVH, D)
     v = qkv[:, (H + KVH) * D :].view(n, KVH, D)
     if layer.q_norm is not None:
@@ -119,9 +120,9 @@ def decoder_layer(
     qk = apply_rope(qk, cos, sin)  # q and k heads rotated together
     q, k = qk[:, :H], qk[:, H:]
     o = attention(q, k, v, segments, caches, D**-0.5)  # [N, H, D]
-    attn_out = F.linear(o.reshape(n, H * D), layer.w_o)
+    attn_out = linear(o.reshape(n, H * D), layer.w_o)
     x, h = rms_norm(attn_out, layer.post_norm, geo.eps, residual=h)
-    gate_up = F.linear(x, layer.w_gate_up)  # [N, 2I]
+    gate_up = linear(x, layer.w_gate_up)  # [N, 2I]
     inter = gate_up.shape[-1] // 2
-    mlp = F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.w_down)
+    mlp = linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.w_down)
     return h + mlp

@@ -18,6 +18,7 @@ from engine.kv_cache import SequenceCache
 from engine.layers import Geometry, LayerWeights, Segment, decoder_layer
 from engine.rope import RopeTable
 from kernels import rms_norm
+from kernels.cpu_gemv import cpu_linear as linear
 
 
 @dataclass
@@ -117,7 +118,7 @@ class FamilyModel:
         if want:
             last_rows = torch.tensor([local[k].row + local[k].num_rows - 1 for k in want])
             normed, _ = rms_norm(out[last_rows], branch.norm, self.config.rms_norm_eps)
-            lg = F.linear(normed, branch.head).float()  # [len(want), vocab]
+            lg = linear(normed, branch.head).float()  # [len(want), vocab]
             for j, k in enumerate(want):
                 result[k] = lg[j]
         return result

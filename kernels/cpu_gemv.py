@@ -16,8 +16,11 @@ and every call takes `F.linear`. `RUYIFLOW_CPU_GEMV=0` selects `F.linear` too: t
 one switch away and is the oracle in tests. The switch is read on first use (reading the
 environment costs about as much as the kernel call on a small matrix); `reset()` re-reads it.
 
-Its OpenMP threads follow `torch.get_num_threads()`, and the library links the `libgomp.so.1`
-that torch has already loaded, so torch and this kernel share one thread pool.
+The library links the `libgomp.so.1` that torch has already loaded (one thread pool). It runs
+on ONE thread unless `RUYIFLOW_GEMV_THREADS` (or `set_threads`) says otherwise: one core already
+streams ~24 GB/s here, two stream more on an idle machine, but when another process competes for
+a core (every node daemon beside a router, a test runner beside the nodes) each of the ~121 calls
+per token waits at the OpenMP barrier for a descheduled thread and a token takes 50x longer.
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ _PTR, _INT = ctypes.c_void_p, ctypes.c_int
 _ARGTYPES = [_PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT]
 
 _lock = threading.Lock()
+_threads = max(1, int(os.environ.get("RUYIFLOW_GEMV_THREADS", "1") or 1))
+
+
+def set_threads(num_threads: int) -> None:
+    """OpenMP threads per GEMV call (see the module docstring for why the default is 1)."""
+    global _threads
+    _threads = max(1, int(num_threads))
 # dtype -> C function once loaded; {} when disabled or after a failed build or load (then never
 # retried until `reset()`).
 _kernels: dict[torch.dtype, ctypes._CFuncPtr] | None = None
@@ -139,8 +149,7 @@ def cpu_linear(
         ):
             y = torch.empty(num_rows, out_features, dtype=x.dtype)  # [M, out]
             b = None if bias is None else bias.data_ptr()
-            threads = torch.get_num_threads()
-            args = (num_rows, in_features, out_features, threads)
+            args = (num_rows, in_features, out_features, _threads)
             if fn(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), *args) == 0:
                 return y
     return F.linear(x, weight, bias)
