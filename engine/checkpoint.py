@@ -57,10 +57,14 @@ def load_model(
     source: str = EMBEDDED,
     dtype: str = "float32",
     extra_exits: tuple[int, ...] | list[int] | None = None,
+    max_context: int | None = None,
+    max_batch: int | None = None,
 ) -> LoadedModel:
     """Load `source` (`smollm2`, a .gguf file, or a HF directory) served in `dtype`.
 
     `extra_exits` turns a plain model into a family (default for `smollm2`: 12, 16, 20, 24).
+    MoE checkpoints (`engine.moe`) have one exit and are refused before any weight is read when
+    weights + KV cache for `max_batch` sequences of `max_context` tokens do not fit in memory.
     """
     started = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
@@ -81,8 +85,18 @@ def load_model(
         tokenizer = Tokenizer.from_gguf(reader)
     else:
         from engine.loaders.safetensors_loader import load_safetensors
+        from engine.moe import is_moe_config
 
-        config = config_from_hf(load_hf_config(path))
+        hf = load_hf_config(path)
+        if is_moe_config(hf):
+            from engine.moe.loader import load_moe_dir
+
+            if extra_exits:
+                raise ModelLoadError("an MoE model has one exit (its last layer); no extra exits")
+            moe_config, moe_model, fp = load_moe_dir(path, hf, torch_dtype, max_context, max_batch)
+            return LoadedModel(source, moe_config, moe_model, Tokenizer.from_dir(path), fp,
+                               time.perf_counter() - started)
+        config = config_from_hf(hf)
         tensors = load_safetensors(path)
         tokenizer = Tokenizer.from_dir(path)
     if extra_exits:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHES = {"engine": "bench.engine", "cluster": "bench.cluster"}
+BENCHES = {
+    "engine": "bench.engine",
+    "cluster": "bench.cluster",
+    "moe": "bench.moe",
+    "cpu-gemv": "bench.cpu_gemv",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,8 @@ def describe(loaded) -> dict:
     c, m = loaded.config, loaded.model
     elem = m.embed.element_size()
     kv_per_layer = 2 * c.num_kv_heads * c.head_dim * elem
+    # models that know their cache layout (MoE; MLA caches a latent, not K/V) say so themselves
+    kv_model = m.kv_bytes_per_token() if hasattr(m, "kv_bytes_per_token") else None
     return {
         "model": loaded.name,
         "family": c.family,
@@ -32,7 +34,7 @@ def describe(loaded) -> dict:
                 "depth": e + 1,
                 "parameters": m.branch_parameters(e),
                 # trunk layers 0..e-1 plus the branch layer
-                "kv_bytes_per_token": (e + 1) * kv_per_layer,
+                "kv_bytes_per_token": kv_model if kv_model is not None else (e + 1) * kv_per_layer,
             }
             for e in c.exits
         ],

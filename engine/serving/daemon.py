@@ -70,7 +70,8 @@ def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | N
     served = serve_grpc([(pb_grpc.add_NodeServicer_to_server, servicer)], spec.listen,
                         [service_name("Node")])
     log.info("%s: listening on %s, loading model %s", name, spec.listen, model_spec.path)
-    loaded = load_model(model_spec.path, model_spec.dtype, model_spec.extra_exits or None)
+    loaded = load_model(model_spec.path, model_spec.dtype, model_spec.extra_exits or None,
+                        max_context=spec.max_context, max_batch=spec.max_batch)
     missing = [e for e in spec.exits if e not in loaded.config.exits]
     if missing:
         raise TopologyError(f"node {name!r} serves exits {missing} that model {spec.model!r} lacks "

@@ -1,0 +1,141 @@
+"""Load an MoE checkpoint directory (Hugging Face layout) into an `MoEModel`.
+
+Tensors are read lazily from the safetensors shards, one at a time, so loading never holds the
+checkpoint and the model at once: per-expert keys (`mlp.experts.{e}.{gate,up,down}_proj.weight`,
+as the released files and `save_pretrained` write them) are copied straight into the stacked
+`w_gate_up [E + S, 2I, H]` / `w_down [E + S, H, I]`, the shared expert appended as S slices
+(`engine.moe.moe_block`). transformers-5's in-memory fused `experts.gate_up_proj` is accepted too.
+Key names per family are in moe.md §1.4, §2.4, §3.4; every expected key must be present with its
+expected shape and every other key is an error, except rotary buffers and DeepSeek MTP layers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from engine.errors import ModelLoadError
+from engine.fingerprint import fingerprint
+from engine.loaders.safetensors_loader import checkpoint_files
+from engine.moe.config import MoEConfig
+from engine.moe.hf_config import moe_config_from_hf
+from engine.moe.memory import check_memory, estimate_memory
+from engine.moe.model import MoEModel
+from engine.moe.weights import build_layer
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """{key: tensor} over the shards of a checkpoint; a tensor is read when indexed."""
+
+    def __init__(self, path: Path):
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
+        for file in checkpoint_files(path):
+            for key in self._open(file).keys():
+                if key in self._where:
+                    raise ModelLoadError(f"{file.name}: tensor {key!r} appears in two shards")
+                self._where[key] = file
+
+    def _open(self, file: Path) -> Any:
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise ModelLoadError(f"{file}: cannot read safetensors ({exc})") from exc
+        return self._handles[file]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._open(self._where[key]).get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open(self._where[key]).get_slice(key).get_shape())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+class KeyReader:
+    """Takes tensors by key with a shape check, converting dtype; tracks what was used."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, config: MoEConfig):
+        self.tensors = tensors
+        self.dtype = dtype
+        self.config = config
+        self.used: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.tensors
+
+    def take(
+        self, key: str, shape: tuple[int, ...], dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        if key not in self.tensors:
+            raise ModelLoadError(f"checkpoint is missing tensor {key!r} ({self.config.family})")
+        found = (self.tensors.shape(key) if isinstance(self.tensors, LazyTensors)
+                 else tuple(self.tensors[key].shape))
+        if found != shape:
+            raise ModelLoadError(f"tensor {key!r} has shape {found}, expected {shape} from "
+                                 "config.json")
+        self.used.add(key)
+        return self.tensors[key].to(dtype or self.dtype).contiguous()
+
+    def _ignored(self, key: str) -> bool:
+        if key.endswith(IGNORED_SUFFIXES):
+            return True
+        match = _LAYER.match(key)  # DeepSeek next-token-prediction layers follow the last layer
+        c = self.config
+        return bool(match) and c.num_layers <= int(match[1]) < c.num_layers + c.num_mtp_layers
+
+    def check_all_used(self) -> None:
+        extra = sorted(k for k in self.tensors if k not in self.used and not self._ignored(k))
+        if extra:
+            more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
+            raise ModelLoadError(f"unexpected tensors in checkpoint: {extra[:5]}{more}")
+
+
+def build_moe_model(config: MoEConfig, tensors: Mapping[str, torch.Tensor],
+                    dtype: torch.dtype) -> MoEModel:
+    """Checkpoint tensors (released key names) -> MoEModel in `dtype`."""
+    c = config
+    keys = KeyReader(tensors, dtype, c)
+    vocab_shape = (c.vocab_size, c.hidden_size)
+    embed = keys.take("model.embed_tokens.weight", vocab_shape)
+    layers = [build_layer(keys, i) for i in range(c.num_layers)]
+    norm = keys.take("model.norm.weight", (c.hidden_size,))
+    if c.tie_word_embeddings:
+        head = embed
+        if keys.has("lm_head.weight"):  # some tied checkpoints store the copy anyway
+            keys.take("lm_head.weight", vocab_shape)
+    else:
+        head = keys.take("lm_head.weight", vocab_shape)
+    keys.check_all_used()
+    return MoEModel(c, embed, layers, norm, head, dtype)
+
+
+def load_moe_dir(
+    path: Path,
+    hf: dict[str, Any],
+    dtype: torch.dtype,
+    max_context: int | None = None,
+    max_batch: int | None = None,
+    available_bytes: int | None = None,
+) -> tuple[MoEConfig, MoEModel, str]:
+    """(config, model, fingerprint) of the MoE checkpoint at `path` whose parsed config.json is
+    `hf`. Refuses before reading any weight when weights + KV cache for `max_batch` sequences of
+    `max_context` tokens do not fit in memory (`engine.moe.memory`)."""
+    config = moe_config_from_hf(hf)
+    check_memory(estimate_memory(config, dtype, max_context, max_batch), available_bytes)
+    tensors = LazyTensors(path)
+    model = build_moe_model(config, tensors, dtype)
+    return config, model, fingerprint(config, tensors)

@@ -1,0 +1,145 @@
+"""MoEModel: a Mixture-of-Experts decoder with the interface of `engine.model.FamilyModel`, so the
+continuous-batching `engine.engine.Engine` drives it unchanged.
+
+One exit (the last layer). `forward(works)` packs the tokens of several sequences into one batch
+(rows of a prefill chunk and single decode rows side by side); every projection, router and expert
+matmul covers all rows, attention runs per sequence over its own cache. Layers are pre-norm:
+`h += attn(rmsnorm(h)); h += ffn(rmsnorm(h))`, then the final norm and the head on each
+sequence's last row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import InvalidRequest
+from engine.layers import Segment
+from engine.model import Work
+from engine.moe.attention import GQAShape, GQAWeights, gqa_attention
+from engine.moe.cache import MoECache
+from engine.moe.config import MoEConfig
+from engine.moe.mla import MLAWeights, mla_attention
+from engine.moe.moe_block import DenseFFN, MoEFFN
+from engine.moe.ops import linear, rms
+from engine.moe.rope import MoERopeTable, softmax_scale
+
+
+@dataclass
+class MoELayer:
+    input_norm: torch.Tensor  # [hidden]
+    post_norm: torch.Tensor  # [hidden]
+    attn: GQAWeights | MLAWeights
+    ffn: DenseFFN | MoEFFN
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.input_norm, self.post_norm, *self.attn.tensors(), *self.ffn.tensors()]
+
+    def active_parameters(self) -> int:
+        norms_attn = [self.input_norm, self.post_norm, *self.attn.tensors()]
+        count = sum(t.numel() for t in norms_attn)
+        if isinstance(self.ffn, MoEFFN):
+            return count + self.ffn.active_parameters()
+        return count + sum(t.numel() for t in self.ffn.tensors())
+
+
+class MoEModel:
+    def __init__(
+        self,
+        config: MoEConfig,
+        embed: torch.Tensor,
+        layers: list[MoELayer],
+        norm: torch.Tensor,
+        head: torch.Tensor,
+        dtype: torch.dtype,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.embed = embed  # [vocab, hidden]
+        self.layers = layers
+        self.norm = norm  # [hidden]
+        self.head = head  # [vocab, hidden]; the embedding itself when tied
+        self.rope = MoERopeTable(config.rope, dtype)
+        c = config
+        if c.mla is not None:
+            self.scale = softmax_scale(c.rope, c.mla.qk_head_dim)
+        else:
+            self.gqa = GQAShape(c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, c.qk_norm)
+
+    def new_cache(self) -> MoECache:
+        c = self.config
+        if c.mla is not None:
+            return MoECache.for_mla(c.num_layers, c.mla.latent_dim, self.dtype)
+        return MoECache.for_gqa(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+
+    # -- forward ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, works: list[Work]) -> list[torch.Tensor | None]:
+        """float32 logits [vocab] of each item's last token (None where not wanted), in the
+        order given; updates each cache's length."""
+        segments, row = [], 0
+        for w in works:
+            if w.exit != self.config.last_exit:
+                self.config.check_exit(w.exit)
+            if not w.token_ids:
+                raise ValueError("a work item needs at least one token")
+            if w.start != w.cache.length:
+                raise InvalidRequest(f"work starts at {w.start} but its cache holds "
+                                     f"{w.cache.length} positions")
+            w.cache.reserve(w.start + len(w.token_ids))
+            segments.append(Segment(row, len(w.token_ids), w.start))
+            row += len(w.token_ids)
+        ids = torch.tensor([t for w in works for t in w.token_ids], dtype=torch.long)
+        positions = torch.cat([torch.arange(s.start, s.start + s.num_rows) for s in segments])
+        cos, sin = self.rope.gather(positions)
+        h = F.embedding(ids, self.embed)  # [rows, hidden]
+        eps = self.config.rms_norm_eps
+        for i, layer in enumerate(self.layers):
+            caches = [w.cache.layer(i) for w in works]
+            x = rms(h, layer.input_norm, eps)
+            if isinstance(layer.attn, MLAWeights):
+                a = mla_attention(layer.attn, self.config.mla, x, self.config.num_heads,
+                                  self.scale, cos, sin, segments, caches)
+            else:
+                a = gqa_attention(layer.attn, x, self.gqa, cos, sin, segments, caches)
+            h = h + a
+            x = rms(h, layer.post_norm, eps)
+            h = h + layer.ffn(x)
+        for w in works:
+            w.cache.length = w.start + len(w.token_ids)
+        want = [k for k, w in enumerate(works) if w.want_logits]
+        result: list[torch.Tensor | None] = [None] * len(works)
+        if want:
+            last = torch.tensor([segments[k].row + segments[k].num_rows - 1 for k in want])
+            logits = linear(rms(h[last], self.norm, eps), self.head).float()  # [len(want), vocab]
+            for j, k in enumerate(want):
+                result[k] = logits[j]
+        return result
+
+    def switch_exit(self, cache: MoECache, from_exit: int, to_exit: int) -> None:
+        """Only the single exit exists, so the only valid move is staying there."""
+        self.config.check_exit(from_exit)
+        self.config.check_exit(to_exit)
+
+    # -- facts ----------------------------------------------------------------------------------
+    def branch_parameters(self, exit_layer: int) -> int:
+        """Parameters one token touches at the exit: embedding, attention, norms, head, and per
+        MoE layer the router, top-k routed experts and shared experts (not every expert)."""
+        self.config.check_exit(exit_layer)
+        count = self.embed.numel() + self.norm.numel()
+        count += sum(layer.active_parameters() for layer in self.layers)
+        if self.head.data_ptr() != self.embed.data_ptr():
+            count += self.head.numel()
+        return count
+
+    def num_parameters(self) -> int:
+        """Every parameter held, all experts included."""
+        count = self.embed.numel() + self.norm.numel()
+        count += sum(t.numel() for layer in self.layers for t in layer.tensors())
+        return count + (self.head.numel() if self.head.data_ptr() != self.embed.data_ptr() else 0)
+
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes per token over all layers (latent + rope key for MLA)."""
+        return self.config.kv_values_per_token() * self.embed.element_size()
