@@ -126,10 +126,21 @@ def run(args: argparse.Namespace) -> int:
     hf = None if args.skip_transformers else transformers_rate(f32, n)
     rows.append(("single stream f32 (tok/s)", ours, "transformers generate f32", hf))
     rows.append(("single stream f32 (tok/s)", ours, "f32 bandwidth bound", bound))
+    from kernels import cpu_gemv
+
+    cpu_gemv.set_threads(2)  # a machine this process has to itself (see kernels/cpu_gemv.py)
+    ours2 = decode_rate(Engine(f32), n, last)
+    bf16_2 = decode_rate(Engine(bf16), n, last)
+    cpu_gemv.set_threads(1)
+    rows.append(("single stream f32, GEMV 2 threads", ours2, "transformers generate f32", hf))
+    rows.append(("single stream f32, GEMV 2 threads", ours2, "f32 bandwidth bound", bound))
     ours_bf16 = decode_rate(Engine(bf16), n, last)
     rows.append(("single stream bf16 (tok/s)", ours_bf16, "bf16 bandwidth bound",
                  bandwidth / weight_bytes(bf16.model, last)))
     rows.append(("single stream bf16 (tok/s)", ours_bf16, "transformers generate f32", hf))
+    rows.append(("single stream bf16, GEMV 2 threads", bf16_2, "bf16 bandwidth bound",
+                 bandwidth / weight_bytes(bf16.model, last)))
+    rows.append(("single stream bf16, GEMV 2 threads", bf16_2, "transformers generate f32", hf))
     batch8 = decode_rate(Engine(f32, max_batch=8), n, last, batch=8)
     rows.append(("batch-8 aggregate f32 (tok/s)", batch8, "single stream f32", ours))
     for e in f32.config.exits[:-1]:
@@ -145,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"bandwidth_gb_s": round(bandwidth / 1e9, 2), "threads": torch.get_num_threads(),
                           "rows": report}, indent=2))
         return 0
-    print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads, "
-          f"{n} decode tokens per figure")
+    print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} torch threads, "
+          f"GEMV 1 thread unless noted, {n} decode tokens per figure")
     print(f"{'figure':<38} {'ours':>9}  {'baseline':<44} {'value':>9} {'ratio':>7}")
     for r in report:
         value = "-" if r["baseline_value"] is None else f"{r['baseline_value']:.2f}"
