@@ -37,8 +37,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _ttft_direct(stub: pb_grpc.NodeStub) -> float:
-    req = pb.GenerateRequest(request_id=uuid.uuid4().hex, token_ids=pb.TokenIds(ids=PROMPT),
-                             sampling=pb.SamplingParams(max_tokens=2), overrides=pb.Overrides(exit=12))
+    req = pb.GenerateRequest(
+        request_id=uuid.uuid4().hex,
+        token_ids=pb.TokenIds(ids=PROMPT),
+        sampling=pb.SamplingParams(max_tokens=2),
+        overrides=pb.Overrides(exit=12),
+    )
     started = time.perf_counter()
     stream = stub.Generate(req)
     next(iter(stream))
@@ -61,7 +65,10 @@ def _ttft_router(stub: pb_grpc.RouterStub) -> float:
 
 def added_latency(addr: dict[str, str], streams: int, requests: int) -> dict[str, float]:
     """TTFT through the router vs straight to edge-0, `streams` at a time."""
-    with grpc.insecure_channel(addr["edge"]) as node_ch, grpc.insecure_channel(addr["router"]) as r_ch:
+    with (
+        grpc.insecure_channel(addr["edge"]) as node_ch,
+        grpc.insecure_channel(addr["router"]) as r_ch,
+    ):
         node, router = pb_grpc.NodeStub(node_ch), pb_grpc.RouterStub(r_ch)
         results = {}
         for name, fn, stub in (("direct", _ttft_direct, node), ("router", _ttft_router, router)):
@@ -69,16 +76,26 @@ def added_latency(addr: dict[str, str], streams: int, requests: int) -> dict[str
             with ThreadPoolExecutor(streams) as pool:
                 results[name] = list(pool.map(lambda _, f=fn, s=stub: f(s), range(requests)))
     d50, r50 = statistics.median(results["direct"]), statistics.median(results["router"])
-    return {"streams": streams, "direct_p50_ms": d50 * 1e3, "router_p50_ms": r50 * 1e3,
-            "added_p50_ms": (r50 - d50) * 1e3,
-            "added_p99_ms": (percentile(results["router"], 0.99) - percentile(results["direct"], 0.99)) * 1e3,
-            "added_fraction_of_ttft": (r50 - d50) / r50}
+    return {
+        "streams": streams,
+        "direct_p50_ms": d50 * 1e3,
+        "router_p50_ms": r50 * 1e3,
+        "added_p50_ms": (r50 - d50) * 1e3,
+        "added_p99_ms": (percentile(results["router"], 0.99) - percentile(results["direct"], 0.99))
+        * 1e3,
+        "added_fraction_of_ttft": (r50 - d50) / r50,
+    }
 
 
 def handoff_cost(client: RouterClient, context: int, mode: str) -> dict[str, float]:
     ids = [(7 * i) % 4000 + 20 for i in range(context)]
-    result = client.complete(token_ids=ids, max_tokens=3, exit=16, handoff_mode=mode,
-                             escalation={"force_after_tokens": 1})
+    result = client.complete(
+        token_ids=ids,
+        max_tokens=3,
+        exit=16,
+        handoff_mode=mode,
+        escalation={"force_after_tokens": 1},
+    )
     h = result.trace.handoffs[0]
     return {"context": context, "mode": mode, "bytes": int(h.num_bytes), "ms": h.duration_ms}
 
@@ -87,11 +104,20 @@ def router_throughput(addr: str, requests: int, streams: int = 16) -> dict[str, 
     with RouterClient(addr) as client:
         started = time.perf_counter()
         with ThreadPoolExecutor(streams) as pool:
-            list(pool.map(lambda _: client.complete(token_ids=PROMPT, max_tokens=1, exit=12), range(requests)))
+            list(
+                pool.map(
+                    lambda _: client.complete(token_ids=PROMPT, max_tokens=1, exit=12),
+                    range(requests),
+                )
+            )
         generate_rps = requests / (time.perf_counter() - started)
         started = time.perf_counter()
         with ThreadPoolExecutor(streams) as pool:
-            list(pool.map(lambda _: client.route("What is the capital of France?"), range(requests * 4)))
+            list(
+                pool.map(
+                    lambda _: client.route("What is the capital of France?"), range(requests * 4)
+                )
+            )
         route_rps = requests * 4 / (time.perf_counter() - started)
     return {"generate_rps": generate_rps, "route_rps": route_rps}
 
@@ -102,25 +128,43 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cluster = start_local_cluster(Path(tmp))
         try:
-            latency = [added_latency(cluster.addr, int(s), args.requests) for s in args.streams.split(",")]
+            latency = [
+                added_latency(cluster.addr, int(s), args.requests) for s in args.streams.split(",")
+            ]
             with RouterClient(cluster.addr["router"]) as client:
-                handoffs = [handoff_cost(client, int(c), m) for c in args.contexts.split(",")
-                            for m in ("hidden", "tokens")]
+                handoffs = [
+                    handoff_cost(client, int(c), m)
+                    for c in args.contexts.split(",")
+                    for m in ("hidden", "tokens")
+                ]
             throughput = router_throughput(cluster.addr["router"], args.requests)
         finally:
             cluster.stop(grace=5)
     if args.json:
-        print(json.dumps({"latency": latency, "handoffs": handoffs, "throughput": throughput}, indent=2))
+        print(
+            json.dumps(
+                {"latency": latency, "handoffs": handoffs, "throughput": throughput}, indent=2
+            )
+        )
         return 0
     print("router-added time to first token (baseline: Node.Generate on edge-0 directly)")
-    print(f"{'streams':>8} {'direct p50':>11} {'router p50':>11} {'added p50':>10} {'added p99':>10} {'of TTFT':>8}")
+    print(
+        f"{'streams':>8} {'direct p50':>11} {'router p50':>11} "
+        f"{'added p50':>10} {'added p99':>10} {'of TTFT':>8}"
+    )
     for r in latency:
-        print(f"{r['streams']:>8} {r['direct_p50_ms']:>9.1f}ms {r['router_p50_ms']:>9.1f}ms "
-              f"{r['added_p50_ms']:>8.2f}ms {r['added_p99_ms']:>8.2f}ms {100 * r['added_fraction_of_ttft']:>7.1f}%")
+        print(
+            f"{r['streams']:>8} {r['direct_p50_ms']:>9.1f}ms {r['router_p50_ms']:>9.1f}ms "
+            f"{r['added_p50_ms']:>8.2f}ms {r['added_p99_ms']:>8.2f}ms "
+            f"{100 * r['added_fraction_of_ttft']:>7.1f}%"
+        )
     print("\nhandoff edge-0 exit 16 -> cloud-0 (forced after 1 token)")
     print(f"{'context':>8} {'mode':>7} {'bytes':>12} {'ms':>8}")
     for h in handoffs:
         print(f"{h['context']:>8} {h['mode']:>7} {h['bytes']:>12,} {h['ms']:>8.1f}")
-    print(f"\nrouter: {throughput['generate_rps']:.1f} Generate requests/s end to end (1 token each), "
-          f"{throughput['route_rps']:.0f} Route dry runs/s")
+    print(
+        f"\nrouter: {throughput['generate_rps']:.1f} Generate requests/s end to end "
+        "(1 token each), "
+        f"{throughput['route_rps']:.0f} Route dry runs/s"
+    )
     return 0

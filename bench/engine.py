@@ -43,8 +43,12 @@ def weight_bytes(model, exit_layer: int) -> int:
 
 def decode_rate(engine: Engine, n: int, exit_layer: int, batch: int = 1) -> float:
     """Aggregate decode tokens/s over `batch` concurrent greedy streams (prefill excluded)."""
-    ids = [engine.add_request([*PROMPT, i], SamplingParams(max_tokens=n + 1, ignore_eos=True), exit_layer)
-           for i in range(batch)]
+    ids = [
+        engine.add_request(
+            [*PROMPT, i], SamplingParams(max_tokens=n + 1, ignore_eos=True), exit_layer
+        )
+        for i in range(batch)
+    ]
     engine.step()  # prefill + first token
     t = time.perf_counter()
     count = 0
@@ -60,11 +64,18 @@ def transformers_rate(loaded, n: int) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c, m = loaded.config, loaded.model
-    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                      intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
-                      num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-                      rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope.theta,
-                      max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope.theta,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=True,
+    )
     hf = LlamaForCausalLM(cfg).eval()
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     with torch.no_grad():
@@ -135,29 +146,71 @@ def run(args: argparse.Namespace) -> int:
     rows.append(("single stream f32, GEMV 2 threads", ours2, "transformers generate f32", hf))
     rows.append(("single stream f32, GEMV 2 threads", ours2, "f32 bandwidth bound", bound))
     ours_bf16 = decode_rate(Engine(bf16), n, last)
-    rows.append(("single stream bf16 (tok/s)", ours_bf16, "bf16 bandwidth bound",
-                 bandwidth / weight_bytes(bf16.model, last)))
+    rows.append(
+        (
+            "single stream bf16 (tok/s)",
+            ours_bf16,
+            "bf16 bandwidth bound",
+            bandwidth / weight_bytes(bf16.model, last),
+        )
+    )
     rows.append(("single stream bf16 (tok/s)", ours_bf16, "transformers generate f32", hf))
-    rows.append(("single stream bf16, GEMV 2 threads", bf16_2, "bf16 bandwidth bound",
-                 bandwidth / weight_bytes(bf16.model, last)))
+    rows.append(
+        (
+            "single stream bf16, GEMV 2 threads",
+            bf16_2,
+            "bf16 bandwidth bound",
+            bandwidth / weight_bytes(bf16.model, last),
+        )
+    )
     rows.append(("single stream bf16, GEMV 2 threads", bf16_2, "transformers generate f32", hf))
     batch8 = decode_rate(Engine(f32, max_batch=8), n, last, batch=8)
     rows.append(("batch-8 aggregate f32 (tok/s)", batch8, "single stream f32", ours))
     for e in f32.config.exits[:-1]:
         rate = decode_rate(Engine(f32), n, e)
-        rows.append((f"exit {e} f32 (tok/s)", rate, f"exit {last}; depth ratio {(last + 1) / (e + 1):.2f}", ours))
+        rows.append(
+            (
+                f"exit {e} f32 (tok/s)",
+                rate,
+                f"exit {last}; depth ratio {(last + 1) / (e + 1):.2f}",
+                ours,
+            )
+        )
     switch_s, prefill_s = switch_vs_prefill(f32, args.context)
-    rows.append((f"switch 12->{last} at {args.context} ctx (1/s)", 1 / switch_s,
-                 f"re-prefill exit {last} from tokens", 1 / prefill_s))
-    report = [{"figure": f, "ours": round(o, 2), "baseline": b,
-               "baseline_value": None if v is None else round(v, 2),
-               "ratio": None if v is None else round(o / v, 3)} for f, o, b, v in rows]
+    rows.append(
+        (
+            f"switch 12->{last} at {args.context} ctx (1/s)",
+            1 / switch_s,
+            f"re-prefill exit {last} from tokens",
+            1 / prefill_s,
+        )
+    )
+    report = [
+        {
+            "figure": f,
+            "ours": round(o, 2),
+            "baseline": b,
+            "baseline_value": None if v is None else round(v, 2),
+            "ratio": None if v is None else round(o / v, 3),
+        }
+        for f, o, b, v in rows
+    ]
     if args.json:
-        print(json.dumps({"bandwidth_gb_s": round(bandwidth / 1e9, 2), "threads": torch.get_num_threads(),
-                          "rows": report}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "bandwidth_gb_s": round(bandwidth / 1e9, 2),
+                    "threads": torch.get_num_threads(),
+                    "rows": report,
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} torch threads, "
-          f"GEMV 1 thread unless noted, {n} decode tokens per figure")
+    print(
+        f"memory bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} torch threads, "
+        f"GEMV 1 thread unless noted, {n} decode tokens per figure"
+    )
     print(f"{'figure':<38} {'ours':>9}  {'baseline':<44} {'value':>9} {'ratio':>7}")
     for r in report:
         value = "-" if r["baseline_value"] is None else f"{r['baseline_value']:.2f}"

@@ -39,25 +39,62 @@ def hf_config(family: str, a: argparse.Namespace):
     from transformers import DeepseekV3Config, Dots1Config, HunYuanMoEV1Config
 
     heads = a.hidden // 64
-    common = dict(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
-                  num_attention_heads=heads, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                  tie_word_embeddings=False)
+    common = dict(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        num_hidden_layers=a.layers,
+        num_attention_heads=heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     if family == "hunyuan_v1_moe":  # expert and shared widths are both intermediate_size here
-        return HunYuanMoEV1Config(**common, num_key_value_heads=max(heads // 4, 1), head_dim=64,
-                                  intermediate_size=a.expert_size, num_experts=a.experts,
-                                  moe_topk=a.top_k, rope_parameters={
-                                      "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
-                                      "rope_theta": 10000.0})
-    moe = dict(intermediate_size=4 * a.hidden, moe_intermediate_size=a.expert_size,
-               n_routed_experts=a.experts, num_experts_per_tok=a.top_k, first_k_dense_replace=1,
-               norm_topk_prob=True, routed_scaling_factor=2.5)
+        return HunYuanMoEV1Config(
+            **common,
+            num_key_value_heads=max(heads // 4, 1),
+            head_dim=64,
+            intermediate_size=a.expert_size,
+            num_experts=a.experts,
+            moe_topk=a.top_k,
+            rope_parameters={
+                "rope_type": "dynamic",
+                "alpha": 1000.0,
+                "factor": 1.0,
+                "rope_theta": 10000.0,
+            },
+        )
+    moe = dict(
+        intermediate_size=4 * a.hidden,
+        moe_intermediate_size=a.expert_size,
+        n_routed_experts=a.experts,
+        num_experts_per_tok=a.top_k,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+    )
     if family == "dots1":
-        return Dots1Config(**common, **moe, num_key_value_heads=heads, head_dim=64,
-                           n_shared_experts=2, sliding_window=None)
-    return DeepseekV3Config(**common, **moe, num_key_value_heads=heads, n_shared_experts=1,
-                            n_group=4, topk_group=2, q_lora_rank=a.hidden // 2,
-                            kv_lora_rank=a.hidden // 4, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                            v_head_dim=64, num_nextn_predict_layers=0)
+        return Dots1Config(
+            **common,
+            **moe,
+            num_key_value_heads=heads,
+            head_dim=64,
+            n_shared_experts=2,
+            sliding_window=None,
+        )
+    return DeepseekV3Config(
+        **common,
+        **moe,
+        num_key_value_heads=heads,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        q_lora_rank=a.hidden // 2,
+        kv_lora_rank=a.hidden // 4,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        num_nextn_predict_layers=0,
+    )
 
 
 def write_tokenizer(path: Path) -> None:
@@ -92,9 +129,16 @@ def transformers_rate(model, n: int) -> tuple[float, list[int]]:
 
     def timed(new: int) -> tuple[float, list[int]]:
         started = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-        return time.perf_counter() - started, out[0, len(PROMPT):].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        return time.perf_counter() - started, out[0, len(PROMPT) :].tolist()
 
     t_full, tokens = timed(n + 1)
     t_one, _ = timed(1)
@@ -136,11 +180,14 @@ def bench_family(family: str, a: argparse.Namespace) -> dict:
     # weights one decode token streams: all it touches but the embedding (one row is read)
     token_bytes = (m.branch_parameters(c.last_exit) - m.embed.numel()) * m.embed.element_size()
     return {
-        "family": family, "parameters": m.num_parameters(),
+        "family": family,
+        "parameters": m.num_parameters(),
         "active_parameters": m.branch_parameters(c.last_exit),
         "kv_bytes_per_token": m.kv_bytes_per_token(),
         "bound_tokens_per_s": a.bandwidth / token_bytes,
-        "ours_tokens_per_s": ours, "transformers_tokens_per_s": theirs, "ratio": ours / theirs,
+        "ours_tokens_per_s": ours,
+        "transformers_tokens_per_s": theirs,
+        "ratio": ours / theirs,
         "same_greedy_tokens": our_tokens == hf_tokens,
         "transformers_experts": hf.config._experts_implementation,
     }
@@ -154,20 +201,28 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"MoE decode on CPU ({torch.get_num_threads()} threads), float32, hidden {args.hidden}, "
-          f"{args.layers} layers, {args.experts} experts top-{args.top_k}, expert width "
-          f"{args.expert_size}, vocab {args.vocab}, {args.tokens} tokens, best of {args.repeats}; "
-          f"C GEMV kernel {'on' if cpu_gemv.is_available() else 'off'}")
-    print(f"{'family':<16} {'params':>8} {'active':>8} {'KV B/tok':>9} {'bound':>7} "
-          f"{'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6}  same tokens")
+    print(
+        f"MoE decode on CPU ({torch.get_num_threads()} threads), float32, hidden {args.hidden}, "
+        f"{args.layers} layers, {args.experts} experts top-{args.top_k}, expert width "
+        f"{args.expert_size}, vocab {args.vocab}, {args.tokens} tokens, best of {args.repeats}; "
+        f"C GEMV kernel {'on' if cpu_gemv.is_available() else 'off'}"
+    )
+    print(
+        f"{'family':<16} {'params':>8} {'active':>8} {'KV B/tok':>9} {'bound':>7} "
+        f"{'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6}  same tokens"
+    )
     for r in rows:
-        print(f"{r['family']:<16} {r['parameters'] / 1e6:>7.1f}M "
-              f"{r['active_parameters'] / 1e6:>7.1f}M "
-              f"{r['kv_bytes_per_token']:>9,} {r['bound_tokens_per_s']:>7.0f} "
-              f"{r['ours_tokens_per_s']:>11.1f} "
-              f"{r['transformers_tokens_per_s']:>9.1f} {r['ratio']:>5.2f}x  "
-              f"{r['same_greedy_tokens']}")
-    print(f"baseline: transformers generate (experts implementation "
-          f"{rows[0]['transformers_experts'] if rows else '?'}) on the same weights, same process; "
-          f"bound: {args.bandwidth / 1e9:.1f} GB/s over the weights one token reads")
+        print(
+            f"{r['family']:<16} {r['parameters'] / 1e6:>7.1f}M "
+            f"{r['active_parameters'] / 1e6:>7.1f}M "
+            f"{r['kv_bytes_per_token']:>9,} {r['bound_tokens_per_s']:>7.0f} "
+            f"{r['ours_tokens_per_s']:>11.1f} "
+            f"{r['transformers_tokens_per_s']:>9.1f} {r['ratio']:>5.2f}x  "
+            f"{r['same_greedy_tokens']}"
+        )
+    print(
+        f"baseline: transformers generate (experts implementation "
+        f"{rows[0]['transformers_experts'] if rows else '?'}) on the same weights, same process; "
+        f"bound: {args.bandwidth / 1e9:.1f} GB/s over the weights one token reads"
+    )
     return 0

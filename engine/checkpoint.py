@@ -94,8 +94,14 @@ def load_model(
             if extra_exits:
                 raise ModelLoadError("an MoE model has one exit (its last layer); no extra exits")
             moe_config, moe_model, fp = load_moe_dir(path, hf, torch_dtype, max_context, max_batch)
-            return LoadedModel(source, moe_config, moe_model, Tokenizer.from_dir(path), fp,
-                               time.perf_counter() - started)
+            return LoadedModel(
+                source,
+                moe_config,
+                moe_model,
+                Tokenizer.from_dir(path),
+                fp,
+                time.perf_counter() - started,
+            )
         config = config_from_hf(hf)
         tensors = load_safetensors(path)
         tokenizer = Tokenizer.from_dir(path)

@@ -92,12 +92,16 @@ class ModelConfig:
         from engine.errors import InvalidRequest
 
         if exit_layer not in self.exits:
-            raise InvalidRequest(f"exit {exit_layer} is not an exit of this model {list(self.exits)}")
+            raise InvalidRequest(
+                f"exit {exit_layer} is not an exit of this model {list(self.exits)}"
+            )
 
     def with_extra_exits(self, extra: list[int] | tuple[int, ...]) -> ModelConfig:
         """A plain model served as a family: add exits below the last layer."""
         if self.native_branches:
-            raise ModelLoadError("extra exits apply to plain models; Ruyi checkpoints have their own")
+            raise ModelLoadError(
+                "extra exits apply to plain models; Ruyi checkpoints have their own"
+            )
         bad = [e for e in extra if not 1 <= e < self.num_layers - 1]
         if bad:
             raise ModelLoadError(f"extra exits {bad} out of range 1..{self.num_layers - 2}")

@@ -44,7 +44,9 @@ class Engine:
         self.running: list[Sequence] = []
         self.sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
-        self.stop_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
+        self.stop_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
+            self.config.eos_token_ids
+        )
 
     # -- admission ------------------------------------------------------------------------------
     def add_request(
@@ -63,7 +65,9 @@ class Engine:
         self.config.check_exit(exit_layer)
         self._check_prompt(list(prompt_ids) + list(prefix_ids))
         if len(prefix_ids) >= params.max_tokens:
-            raise InvalidRequest(f"{len(prefix_ids)} prefix tokens leave nothing of max_tokens {params.max_tokens}")
+            raise InvalidRequest(
+                f"{len(prefix_ids)} prefix tokens leave nothing of max_tokens {params.max_tokens}"
+            )
         tokens = list(prompt_ids) + list(prefix_ids)
         seq = self._new_sequence(seq_id, tokens, len(prompt_ids), exit_layer, params)
         self._prime_text(seq, None)
@@ -76,7 +80,9 @@ class Engine:
         emitted (all of it, or `num_emitted` chars when the sender says so)."""
         for token in seq.generated_ids:
             seq.text += seq.stream.push(token)
-        seq.num_emitted_chars = len(seq.text) if num_emitted is None else min(num_emitted, len(seq.text))
+        seq.num_emitted_chars = (
+            len(seq.text) if num_emitted is None else min(num_emitted, len(seq.text))
+        )
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -87,10 +93,16 @@ class Engine:
             )
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise InvalidRequest(f"token ids {bad[:5]} outside the vocabulary 0..{self.config.vocab_size - 1}")
+            raise InvalidRequest(
+                f"token ids {bad[:5]} outside the vocabulary 0..{self.config.vocab_size - 1}"
+            )
 
     def _new_sequence(
-        self, seq_id: str | None, tokens: list[int], num_prompt: int, exit_layer: int,
+        self,
+        seq_id: str | None,
+        tokens: list[int],
+        num_prompt: int,
+        exit_layer: int,
         params: SamplingParams,
     ) -> Sequence:
         seq_id = seq_id or f"seq-{next(self._ids)}"
@@ -99,8 +111,16 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.stop_ids
-        return Sequence(seq_id, tokens, num_prompt, exit_layer, params, self.model.new_cache(),
-                        self.tokenizer.stream(), stop_ids)
+        return Sequence(
+            seq_id,
+            tokens,
+            num_prompt,
+            exit_layer,
+            params,
+            self.model.new_cache(),
+            self.tokenizer.stream(),
+            stop_ids,
+        )
 
     def _admit(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_waiting:
@@ -142,13 +162,22 @@ class Engine:
                 break
             pending = seq.pending_tokens()
             chunk = pending[:budget]
-            works.append(Work(seq.cache, chunk, seq.cache.length, seq.exit,
-                              want_logits=len(chunk) == len(pending)))
+            works.append(
+                Work(
+                    seq.cache,
+                    chunk,
+                    seq.cache.length,
+                    seq.exit,
+                    want_logits=len(chunk) == len(pending),
+                )
+            )
             seqs.append(seq)
             budget -= len(chunk)
         return works, seqs
 
-    def _postprocess(self, seqs: list[Sequence], logits: list[torch.Tensor | None]) -> list[TokenEvent]:
+    def _postprocess(
+        self, seqs: list[Sequence], logits: list[torch.Tensor | None]
+    ) -> list[TokenEvent]:
         rows = [(s, lg) for s, lg in zip(seqs, logits, strict=True) if lg is not None]
         if not rows:
             return []
@@ -162,8 +191,11 @@ class Engine:
                 seq.status = Status.RUNNING
                 self.running.append(seq)
             if seq.params.needs_row_processing:
-                token = draw(process_row(row, seq.params, seq.token_ids, seq.ngrams), seq.params,
-                             seq.generator)
+                token = draw(
+                    process_row(row, seq.params, seq.token_ids, seq.ngrams),
+                    seq.params,
+                    seq.generator,
+                )
             else:
                 token = greedy[k]
             text = seq.append(token)
@@ -207,36 +239,53 @@ class Engine:
             raise InvalidRequest(f"sequence {seq_id!r} is still prefilling; use tokens mode")
         t = seq.cache.length
         state = HandoffState(
-            mode=mode, fingerprint=self.loaded.fingerprint, exit=seq.exit,
-            token_ids=list(seq.token_ids), num_prompt_tokens=seq.num_prompt_tokens,
-            params=seq.params, seed=seq.seed, num_emitted_chars=seq.num_emitted_chars,
-            rng=seq.rng_state(), boundary=None, trunk_kv=[],
+            mode=mode,
+            fingerprint=self.loaded.fingerprint,
+            exit=seq.exit,
+            token_ids=list(seq.token_ids),
+            num_prompt_tokens=seq.num_prompt_tokens,
+            params=seq.params,
+            seed=seq.seed,
+            num_emitted_chars=seq.num_emitted_chars,
+            rng=seq.rng_state(),
+            boundary=None,
+            trunk_kv=[],
         )
         if mode == "hidden":
             state.boundary = seq.cache.boundary[seq.exit][:t]
-            state.trunk_kv = [(k[:, :t], v[:, :t]) for k, v in
-                              (seq.cache.trunk[i] for i in range(seq.exit))]
+            state.trunk_kv = [
+                (k[:, :t], v[:, :t]) for k, v in (seq.cache.trunk[i] for i in range(seq.exit))
+            ]
         data = encode_state(state, self.model.dtype)
         if release:
             self._release(seq)
         return data
 
-    def import_state(self, data: bytes, exit_layer: int | None = None, seq_id: str | None = None) -> str:
+    def import_state(
+        self, data: bytes, exit_layer: int | None = None, seq_id: str | None = None
+    ) -> str:
         """Resume an exported sequence here, at its exit or (hidden mode) a deeper one."""
         c = self.config
         state = decode_state(
-            data, fingerprint=self.loaded.fingerprint, exits=c.exits, vocab_size=c.vocab_size,
-            max_context=self.max_context, hidden_size=c.hidden_size, num_kv_heads=c.num_kv_heads,
+            data,
+            fingerprint=self.loaded.fingerprint,
+            exits=c.exits,
+            vocab_size=c.vocab_size,
+            max_context=self.max_context,
+            hidden_size=c.hidden_size,
+            num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim,
         )
         target = state.exit if exit_layer is None else exit_layer
         c.check_exit(target)
         if state.mode == "hidden" and target < state.exit:
             raise HandoffError(
-                f"a hidden-state handoff from exit {state.exit} can only resume at that exit or deeper"
-                f" (asked {target}); use tokens mode"
+                f"a hidden-state handoff from exit {state.exit} can only resume at that exit or"
+                f" deeper (asked {target}); use tokens mode"
             )
-        seq = self._new_sequence(seq_id, state.token_ids, state.num_prompt_tokens, target, state.params)
+        seq = self._new_sequence(
+            seq_id, state.token_ids, state.num_prompt_tokens, target, state.params
+        )
         seq.generator.set_state(state.rng)
         seq.seed = state.seed
         self._prime_text(seq, state.num_emitted_chars)
@@ -264,7 +313,10 @@ class Engine:
 
     # -- convenience ----------------------------------------------------------------------------
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams | None = None, exit_layer: int | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        exit_layer: int | None = None,
     ) -> Iterator[TokenEvent]:
         """Run one request to completion (alongside anything already in the engine)."""
         seq_id = self.add_request(prompt_ids, params, exit_layer)

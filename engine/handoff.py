@@ -116,12 +116,18 @@ def decode_state(
         )
     exit_layer = _need(meta, "exit", int)
     if exit_layer not in exits:
-        raise HandoffError(f"handoff state: exit {exit_layer} is not an exit of this model {list(exits)}")
+        raise HandoffError(
+            f"handoff state: exit {exit_layer} is not an exit of this model {list(exits)}"
+        )
     token_ids = _need(meta, "token_ids", list)
     if not token_ids or not all(isinstance(t, int) and 0 <= t < vocab_size for t in token_ids):
-        raise HandoffError(f"handoff state: token ids empty or outside the vocabulary 0..{vocab_size - 1}")
+        raise HandoffError(
+            f"handoff state: token ids empty or outside the vocabulary 0..{vocab_size - 1}"
+        )
     if len(token_ids) >= max_context:
-        raise HandoffError(f"handoff state: {len(token_ids)} tokens exceed the context length {max_context}")
+        raise HandoffError(
+            f"handoff state: {len(token_ids)} tokens exceed the context length {max_context}"
+        )
     num_prompt = _need(meta, "num_prompt_tokens", int)
     if not 1 <= num_prompt <= len(token_ids):
         raise HandoffError("handoff state: num_prompt_tokens out of range")
@@ -136,16 +142,33 @@ def decode_state(
     dtype = FLOAT_DTYPES[dtype_name]
 
     t = len(token_ids) - 1
-    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"rng": ((RNG_STATE_BYTES,), torch.uint8)}
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+        "rng": ((RNG_STATE_BYTES,), torch.uint8)
+    }
     if mode == "hidden":
         expected["boundary"] = ((t, hidden_size), dtype)
         for i in range(exit_layer):
             for kv in "kv":
                 expected[f"trunk.{i}.{kv}"] = ((num_kv_heads, t, head_dim), dtype)
     _check_tensors(tensors, expected)
-    trunk = [(tensors[f"trunk.{i}.k"], tensors[f"trunk.{i}.v"]) for i in range(exit_layer)] if mode == "hidden" else []
-    return HandoffState(mode, state_fp, exit_layer, token_ids, num_prompt, params, seed, emitted,
-                        tensors["rng"], tensors.get("boundary"), trunk)
+    trunk = (
+        [(tensors[f"trunk.{i}.k"], tensors[f"trunk.{i}.v"]) for i in range(exit_layer)]
+        if mode == "hidden"
+        else []
+    )
+    return HandoffState(
+        mode,
+        state_fp,
+        exit_layer,
+        token_ids,
+        num_prompt,
+        params,
+        seed,
+        emitted,
+        tensors["rng"],
+        tensors.get("boundary"),
+        trunk,
+    )
 
 
 def _check_tensors(
@@ -158,7 +181,9 @@ def _check_tensors(
     for name, (shape, dtype) in expected.items():
         t = tensors[name]
         if t.dtype != dtype:
-            raise HandoffError(f"handoff state: tensor {name!r} has dtype {t.dtype}, expected {dtype}")
+            raise HandoffError(
+                f"handoff state: tensor {name!r} has dtype {t.dtype}, expected {dtype}"
+            )
         if tuple(t.shape) != shape:
             raise HandoffError(
                 f"handoff state: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}"

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.rope import apply_rope
 from kernels import rms_norm
 from kernels.cpu_gemv import cpu_linear as linear
-from engine.rope import apply_rope
 
 
 @dataclass
@@ -115,8 +115,13 @@ def decoder_layer(
     qk = qkv[:, : (H + KVH) * D].view(n, H + KVH, D)
     v = qkv[:, (H + KVH) * D :].view(n, KVH, D)
     if layer.q_norm is not None:
-        qk = torch.cat([_head_norm(qk[:, :H], layer.q_norm, geo.eps),
-                        _head_norm(qk[:, H:], layer.k_norm, geo.eps)], dim=1)
+        qk = torch.cat(
+            [
+                _head_norm(qk[:, :H], layer.q_norm, geo.eps),
+                _head_norm(qk[:, H:], layer.k_norm, geo.eps),
+            ],
+            dim=1,
+        )
     qk = apply_rope(qk, cos, sin)  # q and k heads rotated together
     q, k = qk[:, :H], qk[:, H:]
     o = attention(q, k, v, segments, caches, D**-0.5)  # [N, H, D]

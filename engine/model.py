@@ -53,7 +53,9 @@ class FamilyModel:
         self.embed = embed  # [vocab, hidden]
         self.layers = layers
         self.branches = branches
-        self.geo = Geometry(config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps)
+        self.geo = Geometry(
+            config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
+        )
         self.rope = RopeTable(config.rope, config.head_dim, dtype)
 
     def new_cache(self) -> SequenceCache:
@@ -87,17 +89,33 @@ class FamilyModel:
             rows_gt = _rows(segments, num_gt)
             if i in exits:
                 for w, s in zip(items[:num_ge], segments, strict=False):
-                    w.cache.boundary_buf(i)[s.start : s.start + s.num_rows] = h[s.row : s.row + s.num_rows]
+                    w.cache.boundary_buf(i)[s.start : s.start + s.num_rows] = h[
+                        s.row : s.row + s.num_rows
+                    ]
             if num_ge > num_gt:
-                done = self._branch(i, h[rows_gt:rows_ge], cos[rows_gt:rows_ge], sin[rows_gt:rows_ge],
-                                    items[num_gt:num_ge], segments[num_gt:num_ge], rows_gt)
+                done = self._branch(
+                    i,
+                    h[rows_gt:rows_ge],
+                    cos[rows_gt:rows_ge],
+                    sin[rows_gt:rows_ge],
+                    items[num_gt:num_ge],
+                    segments[num_gt:num_ge],
+                    rows_gt,
+                )
                 for k, out in enumerate(done):
                     logits[num_gt + k] = out
             if num_gt == 0:
                 break
             caches = [w.cache.trunk_kv(i) for w in items[:num_gt]]
-            h = decoder_layer(self.layers[i], h[:rows_gt], self.geo, cos[:rows_gt], sin[:rows_gt],
-                              segments[:num_gt], caches)
+            h = decoder_layer(
+                self.layers[i],
+                h[:rows_gt],
+                self.geo,
+                cos[:rows_gt],
+                sin[:rows_gt],
+                segments[:num_gt],
+                caches,
+            )
             cos, sin = cos[:rows_gt], sin[:rows_gt]
         for w in items:
             w.cache.length = w.start + len(w.token_ids)
@@ -106,8 +124,16 @@ class FamilyModel:
             result[i] = logits[k]
         return result
 
-    def _branch(self, exit_layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                items: list[Work], segments: list[Segment], row0: int) -> list[torch.Tensor | None]:
+    def _branch(
+        self,
+        exit_layer: int,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        items: list[Work],
+        segments: list[Segment],
+        row0: int,
+    ) -> list[torch.Tensor | None]:
         """Branch layer + norm + head for items leaving at `exit_layer`; h holds only their rows."""
         branch = self.branches[exit_layer]
         local = [Segment(s.row - row0, s.num_rows, s.start) for s in segments]
@@ -148,8 +174,9 @@ class FamilyModel:
             h = decoder_layer(self.layers[i], h, self.geo, cos, sin, seg, [cache.trunk_kv(i)])
         if to_exit > from_exit:
             cache.boundary_buf(to_exit)[:length] = h
-        decoder_layer(self.branches[to_exit].layer, h, self.geo, cos, sin, seg,
-                      [cache.branch_kv(to_exit)])
+        decoder_layer(
+            self.branches[to_exit].layer, h, self.geo, cos, sin, seg, [cache.branch_kv(to_exit)]
+        )
         cache.drop_above(to_exit)
 
     # -- facts ----------------------------------------------------------------------------------

@@ -70,7 +70,9 @@ class Sequence:
         self.stream = stream
         self.text = ""  # generated text so far (after stop-string truncation)
         self.num_emitted_chars = 0
-        self.ngrams = NgramIndex(params.no_repeat_ngram_size) if params.no_repeat_ngram_size else None
+        self.ngrams = (
+            NgramIndex(params.no_repeat_ngram_size) if params.no_repeat_ngram_size else None
+        )
         if self.ngrams:
             self.ngrams.add_all(self.token_ids)
 

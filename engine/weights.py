@@ -40,7 +40,9 @@ class _Keys:
         return key in self.tensors
 
     def check_all_used(self) -> None:
-        extra = sorted(k for k in self.tensors if k not in self.used and not k.endswith(IGNORED_SUFFIXES))
+        extra = sorted(
+            k for k in self.tensors if k not in self.used and not k.endswith(IGNORED_SUFFIXES)
+        )
         if extra:
             more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
             raise ModelLoadError(f"unexpected tensors in checkpoint: {extra[:5]}{more}")
@@ -50,18 +52,22 @@ def _layer(keys: _Keys, prefix: str, c: ModelConfig) -> LayerWeights:
     hid, inter, d = c.hidden_size, c.intermediate_size, c.head_dim
     q_rows, kv_rows = c.num_heads * d, c.num_kv_heads * d
     att = f"{prefix}.self_attn"
-    w_qkv = torch.cat([
-        keys.take(f"{att}.q_proj.weight", (q_rows, hid)),
-        keys.take(f"{att}.k_proj.weight", (kv_rows, hid)),
-        keys.take(f"{att}.v_proj.weight", (kv_rows, hid)),
-    ])
+    w_qkv = torch.cat(
+        [
+            keys.take(f"{att}.q_proj.weight", (q_rows, hid)),
+            keys.take(f"{att}.k_proj.weight", (kv_rows, hid)),
+            keys.take(f"{att}.v_proj.weight", (kv_rows, hid)),
+        ]
+    )
     b_qkv = None
     if c.attention_bias:
-        b_qkv = torch.cat([
-            keys.take(f"{att}.q_proj.bias", (q_rows,)),
-            keys.take(f"{att}.k_proj.bias", (kv_rows,)),
-            keys.take(f"{att}.v_proj.bias", (kv_rows,)),
-        ])
+        b_qkv = torch.cat(
+            [
+                keys.take(f"{att}.q_proj.bias", (q_rows,)),
+                keys.take(f"{att}.k_proj.bias", (kv_rows,)),
+                keys.take(f"{att}.v_proj.bias", (kv_rows,)),
+            ]
+        )
     q_norm = k_norm = None
     if c.qk_norm:
         q_norm = keys.take(f"{att}.q_norm.weight", (d,))
@@ -75,10 +81,12 @@ def _layer(keys: _Keys, prefix: str, c: ModelConfig) -> LayerWeights:
         w_o=keys.take(f"{att}.o_proj.weight", (hid, q_rows)),
         q_norm=q_norm,
         k_norm=k_norm,
-        w_gate_up=torch.cat([
-            keys.take(f"{mlp}.gate_proj.weight", (inter, hid)),
-            keys.take(f"{mlp}.up_proj.weight", (inter, hid)),
-        ]),
+        w_gate_up=torch.cat(
+            [
+                keys.take(f"{mlp}.gate_proj.weight", (inter, hid)),
+                keys.take(f"{mlp}.up_proj.weight", (inter, hid)),
+            ]
+        ),
         w_down=keys.take(f"{mlp}.down_proj.weight", (hid, inter)),
     )
 
@@ -96,11 +104,17 @@ def build_model(
     if c.native_branches:
         shared_head = None
         if c.shared_heads:
-            shared_head = embed if c.tie_word_embeddings else keys.take("lm_head.weight", vocab_shape)
+            shared_head = (
+                embed if c.tie_word_embeddings else keys.take("lm_head.weight", vocab_shape)
+            )
         for j, e in enumerate(c.exits):
             layer = layers[e] if e == c.last_exit else _layer(keys, f"model.eelayers.{j}", c)
             norm = keys.take(f"model.norms.{j}.weight", (c.hidden_size,))
-            head = shared_head if shared_head is not None else keys.take(f"lm_head.{j}.weight", vocab_shape)
+            head = (
+                shared_head
+                if shared_head is not None
+                else keys.take(f"lm_head.{j}.weight", vocab_shape)
+            )
             branches[e] = Branch(layer, norm, head)
     else:
         # Plain model served as a family: branch layer = layers[e] (same tensors, no copy),

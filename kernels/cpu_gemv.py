@@ -59,6 +59,8 @@ def set_threads(num_threads: int) -> None:
     """OpenMP threads per GEMV call (see the module docstring for why the default is 1)."""
     global _threads
     _threads = max(1, int(num_threads))
+
+
 # dtype -> C function once loaded; {} when disabled or after a failed build or load (then never
 # retried until `reset()`).
 _kernels: dict[torch.dtype, ctypes._CFuncPtr] | None = None

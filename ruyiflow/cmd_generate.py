@@ -11,10 +11,15 @@ from engine.errors import InvalidRequest
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="model dir, .gguf file, or 'smollm2' (default)")
+    p.add_argument(
+        "--model", default="smollm2", help="model dir, .gguf file, or 'smollm2' (default)"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--extra-exits", default=None,
-                   help="comma-separated exits to add to a plain model (smollm2: 12,16,20,24)")
+    p.add_argument(
+        "--extra-exits",
+        default=None,
+        help="comma-separated exits to add to a plain model (smollm2: 12,16,20,24)",
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,11 +36,17 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_sampling_arguments(p)
-    p.add_argument("--exit", type=int, default=None, help="exit layer (default: the model's default)")
+    p.add_argument(
+        "--exit", type=int, default=None, help="exit layer (default: the model's default)"
+    )
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--prompt-ids", default=None, help="comma-separated prompt token ids, used as given")
+    p.add_argument(
+        "--prompt-ids", default=None, help="comma-separated prompt token ids, used as given"
+    )
     p.add_argument("--system", default=None, help="system message for the chat template")
-    p.add_argument("--thinking", choices=["on", "off"], default=None, help="enable_thinking for templates")
+    p.add_argument(
+        "--thinking", choices=["on", "off"], default=None, help="enable_thinking for templates"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.add_argument("prompt", nargs="?", default=None)
 
@@ -51,9 +62,14 @@ def sampling_from_args(args: argparse.Namespace):
     from engine.sampling import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram, stop=tuple(args.stop), seed=args.seed,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram,
+        stop=tuple(args.stop),
+        seed=args.seed,
     )
 
 
@@ -100,14 +116,26 @@ def run(args: argparse.Namespace) -> int:
     done = time.perf_counter()
     decode_rate = (len(tokens) - 1) / (done - first) if len(tokens) > 1 else 0.0
     if args.json:
-        print(json.dumps({
-            "text": "".join(text), "prompt_token_ids": prompt_ids, "token_ids": tokens,
-            "exit": exit_layer, "finish_reason": reason, "confidence": confidence,
-            "fingerprint": loaded.fingerprint,
-            "time_to_first_token_s": round(first - started, 4), "decode_tokens_per_s": round(decode_rate, 2),
-        }))
+        print(
+            json.dumps(
+                {
+                    "text": "".join(text),
+                    "prompt_token_ids": prompt_ids,
+                    "token_ids": tokens,
+                    "exit": exit_layer,
+                    "finish_reason": reason,
+                    "confidence": confidence,
+                    "fingerprint": loaded.fingerprint,
+                    "time_to_first_token_s": round(first - started, 4),
+                    "decode_tokens_per_s": round(decode_rate, 2),
+                }
+            )
+        )
     else:
         print()
-        print(f"[{len(tokens)} tokens, exit {exit_layer}, first token {first - started:.3f}s, "
-              f"decode {decode_rate:.1f} tokens/s, finish: {reason}]", file=sys.stderr)
+        print(
+            f"[{len(tokens)} tokens, exit {exit_layer}, first token {first - started:.3f}s, "
+            f"decode {decode_rate:.1f} tokens/s, finish: {reason}]",
+            file=sys.stderr,
+        )
     return 0

@@ -7,7 +7,9 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default="smollm2", help="model dir, .gguf file, or 'smollm2'")
+    p.add_argument(
+        "model", nargs="?", default="smollm2", help="model dir, .gguf file, or 'smollm2'"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--extra-exits", default=None, help="comma-separated exits for a plain model")
     p.add_argument("--json", action="store_true")
@@ -57,5 +59,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"fingerprint  {info['fingerprint']}")
     print(f"{'exit':>6} {'depth':>6} {'parameters':>14} {'KV bytes/token':>15}")
     for b in info["branches"]:
-        print(f"{b['exit']:>6} {b['depth']:>6} {b['parameters']:>14,} {b['kv_bytes_per_token']:>15,}")
+        print(
+            f"{b['exit']:>6} {b['depth']:>6} {b['parameters']:>14,} {b['kv_bytes_per_token']:>15,}"
+        )
     return 0

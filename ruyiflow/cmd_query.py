@@ -19,7 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--thinking", choices=["on", "off"], default=None)
-    p.add_argument("--raw", action="store_true", help="send the prompt as raw text (no chat template)")
+    p.add_argument(
+        "--raw", action="store_true", help="send the prompt as raw text (no chat template)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("prompt")
 
@@ -35,17 +37,30 @@ def router_address(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     from router.client import RouterClient, format_trace, trace_to_dict
 
-    options = dict(max_tokens=args.max_tokens, exit=args.exit, tier=args.tier, node=args.node,
-                   handoff_mode=args.handoff_mode, temperature=args.temperature, seed=args.seed,
-                   enable_thinking=None if args.thinking is None else args.thinking == "on",
-                   raw=args.raw)
+    options = dict(
+        max_tokens=args.max_tokens,
+        exit=args.exit,
+        tier=args.tier,
+        node=args.node,
+        handoff_mode=args.handoff_mode,
+        temperature=args.temperature,
+        seed=args.seed,
+        enable_thinking=None if args.thinking is None else args.thinking == "on",
+        raw=args.raw,
+    )
     with RouterClient(router_address(args)) as client:
         if args.json:
             result = client.complete(args.prompt, **options)
-            print(json.dumps({
-                "text": result.text, "token_ids": result.token_ids,
-                "finish_reason": result.finish_reason, "trace": trace_to_dict(result.trace),
-            }))
+            print(
+                json.dumps(
+                    {
+                        "text": result.text,
+                        "token_ids": result.token_ids,
+                        "finish_reason": result.finish_reason,
+                        "trace": trace_to_dict(result.trace),
+                    }
+                )
+            )
             return 0
         trace = None
         for chunk in client.generate(args.prompt, **options):

@@ -20,7 +20,9 @@ DEMO_PROMPTS = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--topology", default="topology.yaml", help="topology file (default ./topology.yaml)")
+    p.add_argument(
+        "--topology", default="topology.yaml", help="topology file (default ./topology.yaml)"
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for health")
     p.add_argument("--demo", action="store_true", help="send a few queries once healthy")
     p.add_argument("--exit-after-demo", action="store_true", help="stop everything after --demo")
@@ -33,7 +35,9 @@ def health(address: str, timeout: float = 1.0) -> str:
 
     with grpc.insecure_channel(address) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
         except grpc.RpcError:
             return "UNREACHABLE"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -45,8 +49,10 @@ def processes(topology_path: str) -> list[tuple[str, list[str], str]]:
 
     topo = load_topology(topology_path)
     base = [sys.executable, "-m", "ruyiflow"]
-    procs = [(n.name, [*base, n.tier, "--name", n.name, "--topology", topology_path], n.listen)
-             for n in topo.nodes]
+    procs = [
+        (n.name, [*base, n.tier, "--name", n.name, "--topology", topology_path], n.listen)
+        for n in topo.nodes
+    ]
     procs.append(("router", [*base, "router", "--topology", topology_path], topo.router.listen))
     return procs
 
@@ -65,7 +71,9 @@ class Cluster:
             if self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the child)
-            self.children[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if out else None)
+            self.children[name] = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT if out else None
+            )
 
     def wait_healthy(self, timeout: float, progress: bool = True) -> None:
         deadline = time.monotonic() + timeout
@@ -138,8 +146,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         cluster.wait_healthy(args.timeout)
         router = next(addr for name, _, addr in cluster.specs if name == "router")
-        print(f"[up] all healthy; router at {router}. Query with: ruyiflow query --router {router} "
-              "\"your prompt\"   (Ctrl-C stops everything)", file=sys.stderr, flush=True)
+        print(
+            f"[up] all healthy; router at {router}. Query with: ruyiflow query --router {router} "
+            '"your prompt"   (Ctrl-C stops everything)',
+            file=sys.stderr,
+            flush=True,
+        )
         if args.demo:
             demo(router)
             if args.exit_after_demo:

@@ -1,5 +1,5 @@
-"""A whole topology on this machine with ephemeral loopback ports (tests and benchmarks):
-the default layout (router, edge-0 with exits 12/16, cloud-0 with 20/24/29) of the embedded model."""
+"""A whole topology on this machine with ephemeral loopback ports (tests and benchmarks): the
+default layout (router, edge-0 with exits 12/16, cloud-0 with 20/24/29) of the embedded model."""
 
 from __future__ import annotations
 
@@ -81,7 +81,9 @@ def start_local_cluster(root: Path, only: tuple[str, ...] = (), timeout: float =
         c.wait_healthy(timeout=timeout, progress=False)
     except Exception:
         c.stop(grace=2)
-        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (root / "logs").glob("*.log"))
+        logs = "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (root / "logs").glob("*.log")
+        )
         raise RuntimeError(f"cluster did not start:\n{logs}") from None
     c.topology = str(topo)
     c.addr = {k: f"127.0.0.1:{v}" for k, v in ports.items()}

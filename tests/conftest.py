@@ -25,5 +25,7 @@ def hf_smollm2():
     from engine.checkpoint import embedded_gguf_path
 
     path = embedded_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     return model.eval()

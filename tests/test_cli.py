@@ -11,20 +11,27 @@ from engine.sampling import SamplingParams
 
 
 def ruyiflow(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ruyiflow", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ruyiflow", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_generate_json_with_prompt_ids_matches_engine(smollm2):
-    result = ruyiflow("generate", "--prompt-ids", "1,504,3458,282", "--max-tokens", "6", "--exit", "20",
-                      "--json")
+    result = ruyiflow(
+        "generate", "--prompt-ids", "1,504,3458,282", "--max-tokens", "6", "--exit", "20", "--json"
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    expected = [e.token_id for e in Engine(smollm2).generate([1, 504, 3458, 282], SamplingParams(max_tokens=6), 20)]
+    expected = [
+        e.token_id
+        for e in Engine(smollm2).generate([1, 504, 3458, 282], SamplingParams(max_tokens=6), 20)
+    ]
     assert out["prompt_token_ids"] == [1, 504, 3458, 282] and out["token_ids"] == expected
     assert out["exit"] == 20 and len(out["confidence"]) == len(expected)
     assert set(out["confidence"][0]) == {"max_prob", "margin", "entropy"}
-    assert out["text"] == smollm2.tokenizer.decode(expected, skip_special_tokens=True) or out["text"]
+    assert (
+        out["text"] == smollm2.tokenizer.decode(expected, skip_special_tokens=True) or out["text"]
+    )
 
 
 def test_generate_streams_text_then_speed():

@@ -14,7 +14,6 @@ VOCAB = 320  # 256 byte tokens + merges-free specials; enough for ids we feed by
 def tiny_tokenizer(path: Path) -> None:
     """A byte-level tokenizer.json with a ChatML-ish template, so our loader finds one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     from tokenizers.pre_tokenizers import ByteLevel
 
     alphabet = ByteLevel.alphabet()
@@ -28,9 +27,15 @@ def tiny_tokenizer(path: Path) -> None:
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": template, "eos_token": "<|im_end|>", "bos_token": None,
-    }))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": template,
+                "eos_token": "<|im_end|>",
+                "bos_token": None,
+            }
+        )
+    )
 
 
 def hf_config(family: str, num_layers: int = 4, **extra):
@@ -38,9 +43,15 @@ def hf_config(family: str, num_layers: int = 4, **extra):
 
     cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}[family]
     kwargs = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-6, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
     )
     if family == "qwen3":
         kwargs["head_dim"] = 24  # not hidden/heads, as in real Qwen3 configs
@@ -52,7 +63,9 @@ def hf_model(family: str, num_layers: int = 4, seed: int = 0, **extra):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(family, num_layers, **extra), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        hf_config(family, num_layers, **extra), dtype=torch.float32
+    )
     # random init leaves norms at 1 and biases at 0: perturb them so they matter in the parity
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -74,7 +87,11 @@ def save_ruyi(path: Path, base: str, exits: list[int], num_layers: int = 4, seed
     from safetensors.torch import save_file
 
     trunk = hf_model(base, num_layers, seed)
-    state = {k: v.clone() for k, v in trunk.state_dict().items() if not k.startswith(("lm_head", "model.norm"))}
+    state = {
+        k: v.clone()
+        for k, v in trunk.state_dict().items()
+        if not k.startswith(("lm_head", "model.norm"))
+    }
     for j, e in enumerate(exits):
         donor = hf_model(base, num_layers, seed + 100 + j).state_dict()
         if e != num_layers - 1:
@@ -84,9 +101,13 @@ def save_ruyi(path: Path, base: str, exits: list[int], num_layers: int = 4, seed
         state[f"model.norms.{j}.weight"] = donor["model.norm.weight"].clone()
         state[f"lm_head.{j}.weight"] = donor["lm_head.weight"].clone()
     config = trunk.config.to_dict()
-    config.update(model_type=f"ruyi_{base}", early_exit_points=exits,
-                  default_early_exit_point=exits[-1], shared_heads=False,
-                  architectures=[f"Ruyi{base.capitalize()}ForCausalLM"])
+    config.update(
+        model_type=f"ruyi_{base}",
+        early_exit_points=exits,
+        default_early_exit_point=exits[-1],
+        shared_heads=False,
+        architectures=[f"Ruyi{base.capitalize()}ForCausalLM"],
+    )
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
@@ -95,7 +116,8 @@ def save_ruyi(path: Path, base: str, exits: list[int], num_layers: int = 4, seed
 
 
 def branch_as_plain(state: dict, config, exits: list[int], exit_layer: int):
-    """The plain HF model equal to Ruyi branch `exit_layer`: layers[0:e] + branch layer, norm, head."""
+    """The plain HF model equal to Ruyi branch `exit_layer`: layers[0:e] + branch layer, norm,
+    head."""
     from transformers import AutoModelForCausalLM
 
     j = exits.index(exit_layer)

@@ -89,7 +89,11 @@ def gguf_config(reader: Any) -> ModelConfig:
 def _unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's rotary row permutation of a [heads*D, hidden] projection."""
     rows = w.shape[0]
-    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def gguf_tensors(reader: Any, config: ModelConfig) -> dict[str, torch.Tensor]:

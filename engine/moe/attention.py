@@ -34,8 +34,9 @@ class GQAWeights:
     def stack_norms(self, num_heads: int, num_kv_heads: int) -> None:
         if self.q_norm is not None:
             dim = self.q_norm.shape[0]
-            self.qk_norm = torch.cat([self.q_norm.expand(num_heads, dim),
-                                      self.k_norm.expand(num_kv_heads, dim)]).contiguous()
+            self.qk_norm = torch.cat(
+                [self.q_norm.expand(num_heads, dim), self.k_norm.expand(num_kv_heads, dim)]
+            ).contiguous()
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ class MoECache:
         self.layers: list[tuple[torch.Tensor, ...]] = []
 
     @classmethod
-    def for_gqa(cls, num_layers: int, num_kv_heads: int, head_dim: int,
-                dtype: torch.dtype) -> MoECache:
+    def for_gqa(
+        cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> MoECache:
         shape = (num_kv_heads, -1, head_dim)
         return cls(num_layers, (shape, shape), dtype)
 
@@ -42,8 +43,10 @@ class MoECache:
         return cls(num_layers, ((-1, latent_dim),), dtype)
 
     def _alloc(self, capacity: int) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.empty(tuple(capacity if d == -1 else d for d in s), dtype=self.dtype)
-                     for s in self.shapes)
+        return tuple(
+            torch.empty(tuple(capacity if d == -1 else d for d in s), dtype=self.dtype)
+            for s in self.shapes
+        )
 
     def reserve(self, length: int) -> None:
         """Room for `length` positions in every layer (amortised doubling; valid data kept)."""
@@ -74,8 +77,9 @@ class MoECache:
 
     @property
     def boundary(self) -> dict:
-        raise InvalidRequest("an MoE model keeps no boundary hidden states; hand its sequences "
-                             "off in tokens mode")
+        raise InvalidRequest(
+            "an MoE model keeps no boundary hidden states; hand its sequences off in tokens mode"
+        )
 
     def drop_above(self, exit_layer: int) -> None:
         """Nothing to drop: every layer belongs to the single exit."""

@@ -120,37 +120,53 @@ class MoEConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ModelLoadError(f"unknown MoE family {self.family!r} (known: {FAMILIES})")
-        _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                  "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+        _positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+        )
         last = self.num_layers - 1
         if not self.exits:
             object.__setattr__(self, "exits", (last,))
         if self.default_exit == -1:
             object.__setattr__(self, "default_exit", last)
         if self.exits != (last,) or self.default_exit != last:
-            raise ModelLoadError(f"an MoE model has one exit, its last layer {last}; "
-                                 f"got exits {list(self.exits)} default {self.default_exit}")
+            raise ModelLoadError(
+                f"an MoE model has one exit, its last layer {last}; "
+                f"got exits {list(self.exits)} default {self.default_exit}"
+            )
         if self.scoring not in SCORINGS:
             raise ModelLoadError(f"router scoring {self.scoring!r} unsupported (have {SCORINGS})")
         if self.qk_norm not in QK_NORMS:
             raise ModelLoadError(f"qk_norm {self.qk_norm!r} unknown (have {QK_NORMS})")
         if not 0 <= self.first_k_dense <= self.num_layers:
-            raise ModelLoadError(f"first_k_dense_replace {self.first_k_dense} not in "
-                                 f"0..{self.num_layers}")
+            raise ModelLoadError(
+                f"first_k_dense_replace {self.first_k_dense} not in 0..{self.num_layers}"
+            )
         if self.first_k_dense and self.intermediate_size <= 0:
             raise ModelLoadError("dense layers need a positive intermediate_size")
         if self.shared_intermediate_size < 0:
             raise ModelLoadError("shared expert width must be >= 0")
         if self.num_groups < 1 or self.num_experts % self.num_groups:
-            raise ModelLoadError(f"{self.num_experts} experts do not split into n_group "
-                                 f"{self.num_groups} groups")
+            raise ModelLoadError(
+                f"{self.num_experts} experts do not split into n_group {self.num_groups} groups"
+            )
         if not 1 <= self.topk_groups <= self.num_groups:
             raise ModelLoadError(f"topk_group {self.topk_groups} not in 1..{self.num_groups}")
         selectable = self.topk_groups * (self.num_experts // self.num_groups)
         if self.num_experts_per_tok > selectable:
-            raise ModelLoadError(f"num_experts_per_tok {self.num_experts_per_tok} exceeds the "
-                                 f"{selectable} experts selectable ({self.num_experts} experts, "
-                                 f"{self.topk_groups} of {self.num_groups} groups)")
+            raise ModelLoadError(
+                f"num_experts_per_tok {self.num_experts_per_tok} exceeds the "
+                f"{selectable} experts selectable ({self.num_experts} experts, "
+                f"{self.topk_groups} of {self.num_groups} groups)"
+            )
         if self.routed_scaling_factor <= 0:
             raise ModelLoadError("routed_scaling_factor must be positive")
         if self.mla is None and self.num_heads % self.num_kv_heads:
@@ -165,8 +181,10 @@ class MoEConfig:
 
     def check_exit(self, exit_layer: int) -> None:
         if exit_layer not in self.exits:
-            raise InvalidRequest(f"exit {exit_layer} is not an exit of this model "
-                                 f"{list(self.exits)} (an MoE model has only its last layer)")
+            raise InvalidRequest(
+                f"exit {exit_layer} is not an exit of this model "
+                f"{list(self.exits)} (an MoE model has only its last layer)"
+            )
 
     def exit_index(self, exit_layer: int) -> int:
         self.check_exit(exit_layer)
@@ -196,8 +214,11 @@ class MoEConfig:
             q = h * n * m.qk_head_dim
         else:
             q = h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * n * m.qk_head_dim
-        kv = h * m.latent_dim + m.kv_lora_rank + m.kv_lora_rank * n * (m.qk_nope_head_dim
-                                                                        + m.v_head_dim)
+        kv = (
+            h * m.latent_dim
+            + m.kv_lora_rank
+            + m.kv_lora_rank * n * (m.qk_nope_head_dim + m.v_head_dim)
+        )
         return q + kv + n * m.v_head_dim * h
 
     def num_parameters(self, active: bool = False) -> int:

@@ -40,8 +40,10 @@ def _uniform(d: dict[str, Any], key: str, default: Any = None) -> Any:
         return _need(d, key) if default is None else default
     if isinstance(value, list):
         if not value or len(set(value)) != 1:
-            raise ModelLoadError(f"config field {key} varies by layer ({value}); only one value "
-                                 "for every layer is supported")
+            raise ModelLoadError(
+                f"config field {key} varies by layer ({value}); only one value "
+                "for every layer is supported"
+            )
         return value[0]
     return value
 
@@ -64,18 +66,27 @@ def _rope(d: dict[str, Any], dim: int, interleaved: bool = False) -> MoERope:
     kind = merged.get("rope_type", merged.get("type", "default")) or "default"
     if kind == "dynamic":
         if not merged.get("alpha"):  # transformers' Hunyuan only turns "dynamic" static with alpha
-            raise ModelLoadError("rope type 'dynamic' without alpha (length-dependent NTK) is "
-                                 "not supported; Hunyuan uses 'dynamic' with alpha")
+            raise ModelLoadError(
+                "rope type 'dynamic' without alpha (length-dependent NTK) is "
+                "not supported; Hunyuan uses 'dynamic' with alpha"
+            )
         kind = "ntk_alpha"
     factor = merged.get("factor")
     max_pos = int(d.get("max_position_embeddings", 4096))
-    original = int(merged.get("original_max_position_embeddings",
-                              d.get("original_max_position_embeddings", max_pos)))
+    original = int(
+        merged.get(
+            "original_max_position_embeddings", d.get("original_max_position_embeddings", max_pos)
+        )
+    )
     if kind == "yarn" and factor is None:  # transformers derives it the same way
         factor = max_pos / original
     return MoERope(
-        theta=theta, dim=dim, rope_type=str(kind), factor=float(factor or 1.0),
-        alpha=float(merged.get("alpha") or 1.0), original_max_position_embeddings=original,
+        theta=theta,
+        dim=dim,
+        rope_type=str(kind),
+        factor=float(factor or 1.0),
+        alpha=float(merged.get("alpha") or 1.0),
+        original_max_position_embeddings=original,
         beta_fast=float(merged.get("beta_fast") or 32),
         beta_slow=float(merged.get("beta_slow") or 1),
         mscale=float(merged.get("mscale") or 0.0),
@@ -93,17 +104,23 @@ def _common(d: dict[str, Any], family: str) -> dict[str, Any]:
     _refuse(d, "mlp_bias", (False,), "no MLP biases in these families")
     _refuse(d, "use_sliding_window", (False,), "sliding-window attention")
     if any(t != "full_attention" for t in d.get("layer_types") or []):
-        raise ModelLoadError(f"layer_types {d['layer_types']} include sliding-window attention, "
-                             "which is not supported")
+        raise ModelLoadError(
+            f"layer_types {d['layer_types']} include sliding-window attention, "
+            "which is not supported"
+        )
     heads = int(_need(d, "num_attention_heads"))
     return dict(
-        family=family, vocab_size=int(_need(d, "vocab_size")),
-        hidden_size=int(_need(d, "hidden_size")), num_layers=int(_need(d, "num_hidden_layers")),
-        num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
+        family=family,
+        vocab_size=int(_need(d, "vocab_size")),
+        hidden_size=int(_need(d, "hidden_size")),
+        num_layers=int(_need(d, "num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(d.get("num_key_value_heads") or heads),
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        bos_token_id=d.get("bos_token_id"), eos_token_ids=_ids(d.get("eos_token_id")),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=_ids(d.get("eos_token_id")),
     )
 
 
@@ -117,18 +134,24 @@ def _hunyuan(d: dict[str, Any]) -> MoEConfig:
     _refuse(d, "group_limited_greedy", (False,), "group-limited routing")
     for key in ("n_group", "topk_group"):
         _refuse(d, key, (None, 1), "Hunyuan routes without groups")
-    head_dim = int(d.get("head_dim") or d.get("attention_head_dim")
-                   or base["hidden_size"] // base["num_heads"])
+    head_dim = int(
+        d.get("head_dim") or d.get("attention_head_dim") or base["hidden_size"] // base["num_heads"]
+    )
     inter = int(_need(d, "intermediate_size"))
     num_shared = int(_uniform(d, "num_shared_expert", 1))
     if d.get("use_mixed_mlp_moe") is False:
         num_shared = 0
     return MoEConfig(
-        **base, head_dim=head_dim, intermediate_size=inter, rope=_rope(d, head_dim),
+        **base,
+        head_dim=head_dim,
+        intermediate_size=inter,
+        rope=_rope(d, head_dim),
         num_experts=int(_uniform(d, "num_experts")),
         num_experts_per_tok=int(_uniform(d, "moe_topk", d.get("num_experts_per_tok", 1))),
         moe_intermediate_size=int(_uniform(d, "moe_intermediate_size", inter)),
-        shared_intermediate_size=inter * num_shared, scoring="softmax", norm_topk_prob=True,
+        shared_intermediate_size=inter * num_shared,
+        scoring="softmax",
+        norm_topk_prob=True,
         qk_norm="after_rope" if d.get("use_qk_norm", True) else "none",
     )
 
@@ -146,10 +169,12 @@ def _routing(d: dict[str, Any]) -> dict[str, Any]:
         moe_intermediate_size=moe_inter,
         shared_intermediate_size=moe_inter * int(_need(d, "n_shared_experts")),
         first_k_dense=int(d.get("first_k_dense_replace") or 0),
-        scoring="sigmoid", has_correction_bias=True,
+        scoring="sigmoid",
+        has_correction_bias=True,
         norm_topk_prob=bool(d.get("norm_topk_prob", False)),
         routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-        num_groups=int(d.get("n_group") or 1), topk_groups=int(d.get("topk_group") or 1),
+        num_groups=int(d.get("n_group") or 1),
+        topk_groups=int(d.get("topk_group") or 1),
     )
 
 
@@ -158,11 +183,14 @@ def _dots1(d: dict[str, Any]) -> MoEConfig:
     if d.get("layer_types") is None and d.get("sliding_window") is not None:
         window_layers = int(d.get("max_window_layers", 62))  # transformers' Dots1Config rule
         if window_layers < base["num_layers"]:
-            raise ModelLoadError(f"layers >= max_window_layers {window_layers} would use sliding "
-                                 "window attention, which is not supported")
+            raise ModelLoadError(
+                f"layers >= max_window_layers {window_layers} would use sliding "
+                "window attention, which is not supported"
+            )
     head_dim = int(d.get("head_dim") or base["hidden_size"] // base["num_heads"])
-    return MoEConfig(**base, **_routing(d), head_dim=head_dim, rope=_rope(d, head_dim),
-                     qk_norm="before_rope")
+    return MoEConfig(
+        **base, **_routing(d), head_dim=head_dim, rope=_rope(d, head_dim), qk_norm="before_rope"
+    )
 
 
 def _deepseek_v3(d: dict[str, Any]) -> MoEConfig:
@@ -177,7 +205,11 @@ def _deepseek_v3(d: dict[str, Any]) -> MoEConfig:
     base["num_kv_heads"] = 1  # the latent cache is one head shared by every query head
     rope = _rope(d, mla.qk_rope_head_dim, interleaved=bool(d.get("rope_interleave", True)))
     return MoEConfig(
-        **base, **_routing(d), head_dim=mla.latent_dim, rope=rope, mla=mla,
+        **base,
+        **_routing(d),
+        head_dim=mla.latent_dim,
+        rope=rope,
+        mla=mla,
         num_mtp_layers=int(d.get("num_nextn_predict_layers") or 0),
     )
 

@@ -82,11 +82,15 @@ class KeyReader:
     ) -> torch.Tensor:
         if key not in self.tensors:
             raise ModelLoadError(f"checkpoint is missing tensor {key!r} ({self.config.family})")
-        found = (self.tensors.shape(key) if isinstance(self.tensors, LazyTensors)
-                 else tuple(self.tensors[key].shape))
+        found = (
+            self.tensors.shape(key)
+            if isinstance(self.tensors, LazyTensors)
+            else tuple(self.tensors[key].shape)
+        )
         if found != shape:
-            raise ModelLoadError(f"tensor {key!r} has shape {found}, expected {shape} from "
-                                 "config.json")
+            raise ModelLoadError(
+                f"tensor {key!r} has shape {found}, expected {shape} from config.json"
+            )
         self.used.add(key)
         return self.tensors[key].to(dtype or self.dtype).contiguous()
 
@@ -104,8 +108,9 @@ class KeyReader:
             raise ModelLoadError(f"unexpected tensors in checkpoint: {extra[:5]}{more}")
 
 
-def build_moe_model(config: MoEConfig, tensors: Mapping[str, torch.Tensor],
-                    dtype: torch.dtype) -> MoEModel:
+def build_moe_model(
+    config: MoEConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> MoEModel:
     """Checkpoint tensors (released key names) -> MoEModel in `dtype`."""
     c = config
     keys = KeyReader(tensors, dtype, c)

@@ -45,9 +45,11 @@ class MemoryEstimate:
         return self.weight_bytes + self.kv_bytes + self.workspace_bytes
 
     def describe(self) -> str:
-        return (f"{_gib(self.total_bytes)} (weights {_gib(self.weight_bytes)} + KV cache "
-                f"{_gib(self.kv_bytes)} for {self.max_batch} x {self.max_context} tokens + "
-                f"workspace {_gib(self.workspace_bytes)})")
+        return (
+            f"{_gib(self.total_bytes)} (weights {_gib(self.weight_bytes)} + KV cache "
+            f"{_gib(self.kv_bytes)} for {self.max_batch} x {self.max_context} tokens + "
+            f"workspace {_gib(self.workspace_bytes)})"
+        )
 
 
 def workspace_bytes(config: MoEConfig, elem: int, max_batch: int) -> int:
@@ -56,8 +58,11 @@ def workspace_bytes(config: MoEConfig, elem: int, max_batch: int) -> int:
     group) plus float32 logits for the batch."""
     c = config
     rows = STEP_TOKENS
-    width = max(c.intermediate_size, c.moe_intermediate_size * (c.num_experts_per_tok + 2),
-                c.shared_intermediate_size)
+    width = max(
+        c.intermediate_size,
+        c.moe_intermediate_size * (c.num_experts_per_tok + 2),
+        c.shared_intermediate_size,
+    )
     per_row = 8 * c.hidden_size + 3 * width + c.num_heads * 64
     return rows * per_row * elem + max_batch * c.vocab_size * 4
 
@@ -75,8 +80,9 @@ def estimate_memory(
     if context < 1 or batch < 1:
         raise ModelLoadError(f"max_context {context} and max_batch {batch} must be >= 1")
     elem = torch.tensor([], dtype=dtype).element_size()
-    routers = sum(c.num_experts * (c.hidden_size + 1) for i in range(c.num_layers)
-                  if c.is_moe_layer(i))
+    routers = sum(
+        c.num_experts * (c.hidden_size + 1) for i in range(c.num_layers) if c.is_moe_layer(i)
+    )
     weights = (c.num_parameters() - routers) * elem + routers * 4
     kv = batch * context * c.kv_values_per_token() * elem
     return MemoryEstimate(weights, kv, workspace_bytes(c, elem, batch), context, batch)
@@ -101,8 +107,9 @@ def available_memory(meminfo: Path = Path("/proc/meminfo")) -> tuple[int, str]:
                 return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
     except OSError:
         pass
-    raise ModelLoadError(f"cannot tell available memory: no MemAvailable in {meminfo}; set "
-                         f"{ENV_AVAILABLE}")
+    raise ModelLoadError(
+        f"cannot tell available memory: no MemAvailable in {meminfo}; set {ENV_AVAILABLE}"
+    )
 
 
 def check_memory(estimate: MemoryEstimate, available_bytes: int | None = None) -> None:

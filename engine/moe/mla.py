@@ -44,8 +44,9 @@ def _split_kvb(w: MLAWeights, m: MLAConfig, num_heads: int) -> tuple[torch.Tenso
     return per_head[:, : m.qk_nope_head_dim], per_head[:, m.qk_nope_head_dim :]
 
 
-def _expanded(q: torch.Tensor, latent: torch.Tensor, w: MLAWeights, m: MLAConfig, seg: Segment,
-              scale: float) -> torch.Tensor:
+def _expanded(
+    q: torch.Tensor, latent: torch.Tensor, w: MLAWeights, m: MLAConfig, seg: Segment, scale: float
+) -> torch.Tensor:
     """q [T, H, qk] (rope part rotated), latent [L, R + P] cached prefix -> [T, H, v]."""
     num_heads, length = q.shape[1], latent.shape[0]
     kv = linear(latent[:, : m.kv_lora_rank], w.w_kvb).view(length, num_heads, -1)

@@ -86,8 +86,9 @@ class MoEModel:
             if not w.token_ids:
                 raise ValueError("a work item needs at least one token")
             if w.start != w.cache.length:
-                raise InvalidRequest(f"work starts at {w.start} but its cache holds "
-                                     f"{w.cache.length} positions")
+                raise InvalidRequest(
+                    f"work starts at {w.start} but its cache holds {w.cache.length} positions"
+                )
             w.cache.reserve(w.start + len(w.token_ids))
             segments.append(Segment(row, len(w.token_ids), w.start))
             row += len(w.token_ids)
@@ -100,8 +101,17 @@ class MoEModel:
             caches = [w.cache.layer(i) for w in works]
             x = rms(h, layer.input_norm, eps)
             if isinstance(layer.attn, MLAWeights):
-                a = mla_attention(layer.attn, self.config.mla, x, self.config.num_heads,
-                                  self.scale, cos, sin, segments, caches)
+                a = mla_attention(
+                    layer.attn,
+                    self.config.mla,
+                    x,
+                    self.config.num_heads,
+                    self.scale,
+                    cos,
+                    sin,
+                    segments,
+                    caches,
+                )
             else:
                 a = gqa_attention(layer.attn, x, self.gqa, cos, sin, segments, caches)
             h = h + a

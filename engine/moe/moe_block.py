@@ -85,10 +85,16 @@ class MoEFFN:
         """x [T, hidden] -> routed (weights [T, k] float32, ids [T, k] int64)."""
         r = self.routing
         logits = linear(x.float(), self.router)  # [T, E] float32
-        return route_experts(logits, r.top_k, scoring=r.scoring,
-                             correction_bias=self.correction_bias, renormalize=r.renormalize,
-                             routed_scaling_factor=r.scaling, num_groups=r.num_groups,
-                             topk_groups=r.topk_groups)
+        return route_experts(
+            logits,
+            r.top_k,
+            scoring=r.scoring,
+            correction_bias=self.correction_bias,
+            renormalize=r.renormalize,
+            routed_scaling_factor=r.scaling,
+            num_groups=r.num_groups,
+            topk_groups=r.topk_groups,
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] (post-attention-normed) -> [T, hidden]."""
@@ -107,8 +113,11 @@ class MoEFFN:
     def _one_token(self, x: torch.Tensor, weights: list[float], ids: list[int]) -> torch.Tensor:
         """x [1, hidden]: sum_j w_j * expert_j(x) + shared slices, accumulated in float32."""
         inter = self.w_down.shape[-1]
-        slots = zip(ids + list(range(self.num_experts, len(self.experts))),
-                    weights + [1.0] * self.num_shared_slots, strict=True)
+        slots = zip(
+            ids + list(range(self.num_experts, len(self.experts))),
+            weights + [1.0] * self.num_shared_slots,
+            strict=True,
+        )
         y = None
         for e, weight in slots:
             w_gate_up, w_down = self.experts[e]

@@ -30,8 +30,14 @@ def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm(x, weight, eps)[0]
 
 
-def head_rms(qk: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-             stacked: torch.Tensor, num_heads: int, eps: float) -> torch.Tensor:
+def head_rms(
+    qk: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    stacked: torch.Tensor,
+    num_heads: int,
+    eps: float,
+) -> torch.Tensor:
     """Per-head RMSNorm of qk [N, H + KVH, D]: q heads with q_weight [D], k heads with k_weight.
     `stacked` [H + KVH, D] is both weights laid out per head (one multiply for all heads)."""
     if _fast(qk) and stacked.dtype == torch.float32:

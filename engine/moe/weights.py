@@ -36,13 +36,19 @@ def _gate_up(keys: KeyReader, prefix: str, inter: int, hidden: int) -> torch.Ten
     if keys.has(fused):
         up_gate = keys.take(fused, (2 * inter, hidden))
         return torch.cat([up_gate[inter:], up_gate[:inter]])
-    return torch.cat([keys.take(f"{prefix}.gate_proj.weight", (inter, hidden)),
-                      keys.take(f"{prefix}.up_proj.weight", (inter, hidden))])
+    return torch.cat(
+        [
+            keys.take(f"{prefix}.gate_proj.weight", (inter, hidden)),
+            keys.take(f"{prefix}.up_proj.weight", (inter, hidden)),
+        ]
+    )
 
 
 def _dense(keys: KeyReader, prefix: str, inter: int, hidden: int) -> DenseFFN:
-    return DenseFFN(_gate_up(keys, prefix, inter, hidden),
-                    keys.take(f"{prefix}.down_proj.weight", (hidden, inter)))
+    return DenseFFN(
+        _gate_up(keys, prefix, inter, hidden),
+        keys.take(f"{prefix}.down_proj.weight", (hidden, inter)),
+    )
 
 
 def _gqa(keys: KeyReader, att: str, c: MoEConfig) -> GQAWeights:
@@ -53,16 +59,28 @@ def _gqa(keys: KeyReader, att: str, c: MoEConfig) -> GQAWeights:
         group = c.num_heads // c.num_kv_heads
         qkv = keys.take(f"{att}.qkv_proj.weight", (q_rows + 2 * kv_rows, hid))
         qkv = qkv.view(c.num_kv_heads, group + 2, d, hid)
-        w_qkv = torch.cat([qkv[:, :group].reshape(q_rows, hid), qkv[:, group].reshape(kv_rows, hid),
-                           qkv[:, group + 1].reshape(kv_rows, hid)])
+        w_qkv = torch.cat(
+            [
+                qkv[:, :group].reshape(q_rows, hid),
+                qkv[:, group].reshape(kv_rows, hid),
+                qkv[:, group + 1].reshape(kv_rows, hid),
+            ]
+        )
     else:
-        w_qkv = torch.cat([keys.take(f"{att}.q_proj.weight", (q_rows, hid)),
-                           keys.take(f"{att}.k_proj.weight", (kv_rows, hid)),
-                           keys.take(f"{att}.v_proj.weight", (kv_rows, hid))])
+        w_qkv = torch.cat(
+            [
+                keys.take(f"{att}.q_proj.weight", (q_rows, hid)),
+                keys.take(f"{att}.k_proj.weight", (kv_rows, hid)),
+                keys.take(f"{att}.v_proj.weight", (kv_rows, hid)),
+            ]
+        )
     q_norm = k_norm = None
     if c.qk_norm != "none":
-        q_name, k_name = (("query_layernorm", "key_layernorm") if c.family == "hunyuan_v1_moe"
-                          else ("q_norm", "k_norm"))
+        q_name, k_name = (
+            ("query_layernorm", "key_layernorm")
+            if c.family == "hunyuan_v1_moe"
+            else ("q_norm", "k_norm")
+        )
         q_norm = keys.take(f"{att}.{q_name}.weight", (d,))
         k_norm = keys.take(f"{att}.{k_name}.weight", (d,))
     weights = GQAWeights(w_qkv, keys.take(f"{att}.o_proj.weight", (hid, q_rows)), q_norm, k_norm)
@@ -87,10 +105,13 @@ def _mla(keys: KeyReader, att: str, c: MoEConfig) -> MLAWeights:
         else:
             q_in = deinterleave_rows(q_in, heads, m.qk_rope_head_dim)
     return MLAWeights(
-        w_in=torch.cat([q_in, kv_a]), q_norm=q_norm, w_qb=w_qb,
+        w_in=torch.cat([q_in, kv_a]),
+        q_norm=q_norm,
+        w_qb=w_qb,
         kv_norm=keys.take(f"{att}.kv_a_layernorm.weight", (m.kv_lora_rank,)),
-        w_kvb=keys.take(f"{att}.kv_b_proj.weight",
-                        (heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)),
+        w_kvb=keys.take(
+            f"{att}.kv_b_proj.weight", (heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
+        ),
         w_o=keys.take(f"{att}.o_proj.weight", (hid, heads * m.v_head_dim)),
     )
 
@@ -125,8 +146,14 @@ def _moe(keys: KeyReader, mlp: str, c: MoEConfig) -> MoEFFN:
     else:
         router = keys.take(f"{mlp}.gate.weight", (num, hid), torch.float32)
         bias = keys.take(f"{mlp}.gate.e_score_correction_bias", (num,), torch.float32)
-    routing = Routing(c.num_experts_per_tok, c.scoring, c.norm_topk_prob,
-                      c.routed_scaling_factor, c.num_groups, c.topk_groups)
+    routing = Routing(
+        c.num_experts_per_tok,
+        c.scoring,
+        c.norm_topk_prob,
+        c.routed_scaling_factor,
+        c.num_groups,
+        c.topk_groups,
+    )
     return MoEFFN(router, bias, w_gate_up, w_down, routing, slots, shared)
 
 
@@ -142,5 +169,6 @@ def build_layer(keys: KeyReader, index: int) -> MoELayer:
     return MoELayer(
         input_norm=keys.take(f"{prefix}.input_layernorm.weight", (c.hidden_size,)),
         post_norm=keys.take(f"{prefix}.post_attention_layernorm.weight", (c.hidden_size,)),
-        attn=attn, ffn=ffn,
+        attn=attn,
+        ffn=ffn,
     )

@@ -51,9 +51,13 @@ def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | N
     except KeyError:
         raise TopologyError(f"no node named {name!r} in {topology.source}") from None
     if spec.tier != tier:
-        raise TopologyError(f"node {name!r} is a {spec.tier} node; start it with `ruyiflow {spec.tier}`")
+        raise TopologyError(
+            f"node {name!r} is a {spec.tier} node; start it with `ruyiflow {spec.tier}`"
+        )
     if spec.backend != "torch":
-        raise TopologyError(f"node {name!r}: backend {spec.backend!r} is not available in this build")
+        raise TopologyError(
+            f"node {name!r}: backend {spec.backend!r} is not available in this build"
+        )
     model_spec = topology.model(spec.model)
     stop = stop or threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -64,18 +68,27 @@ def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | N
 
     metrics = NodeMetrics(name, tier)
     metrics_server = serve_registry(spec.metrics, metrics.registry)
-    identity = NodeIdentity(name, tier, spec.model, spec.backend, spec.max_batch, spec.max_context,
-                            tuple(spec.exits))
+    identity = NodeIdentity(
+        name, tier, spec.model, spec.backend, spec.max_batch, spec.max_context, tuple(spec.exits)
+    )
     servicer = NodeServicer(identity, metrics)
-    served = serve_grpc([(pb_grpc.add_NodeServicer_to_server, servicer)], spec.listen,
-                        [service_name("Node")])
+    served = serve_grpc(
+        [(pb_grpc.add_NodeServicer_to_server, servicer)], spec.listen, [service_name("Node")]
+    )
     log.info("%s: listening on %s, loading model %s", name, spec.listen, model_spec.path)
-    loaded = load_model(model_spec.path, model_spec.dtype, model_spec.extra_exits or None,
-                        max_context=spec.max_context, max_batch=spec.max_batch)
+    loaded = load_model(
+        model_spec.path,
+        model_spec.dtype,
+        model_spec.extra_exits or None,
+        max_context=spec.max_context,
+        max_batch=spec.max_batch,
+    )
     missing = [e for e in spec.exits if e not in loaded.config.exits]
     if missing:
-        raise TopologyError(f"node {name!r} serves exits {missing} that model {spec.model!r} lacks "
-                            f"(exits {list(loaded.config.exits)})")
+        raise TopologyError(
+            f"node {name!r} serves exits {missing} that model {spec.model!r} lacks "
+            f"(exits {list(loaded.config.exits)})"
+        )
     engine = Engine(loaded, max_batch=spec.max_batch, max_context=spec.max_context)
     prefill = measure_prefill(engine, max(spec.exits))
     worker = EngineWorker(engine, tuple(spec.exits))
@@ -83,8 +96,13 @@ def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | N
     servicer.attach(worker, loaded.fingerprint, prefill, max_state_bytes(engine, spec.max_context))
     served.set_serving(True)
     metrics.ready.labels(**metrics.lab()).set(1)
-    log.info("%s: serving exits %s (prefill %.0f tok/s, fingerprint %s)", name, list(spec.exits),
-             prefill, loaded.fingerprint)
+    log.info(
+        "%s: serving exits %s (prefill %.0f tok/s, fingerprint %s)",
+        name,
+        list(spec.exits),
+        prefill,
+        loaded.fingerprint,
+    )
     while not stop.wait(0.5):
         pass
     grace = topology.router.grace_period_s

@@ -16,32 +16,47 @@ MODE_ENUMS = {v: k for k, v in MODE_NAMES.items()}
 CHUNK_BYTES = 1 << 20
 
 
-def header_for(data: bytes, request_id: str, to_exit: int, transfer_id: str = "",
-               request: pb.GenerateRequest | None = None) -> pb.HandoffHeader:
+def header_for(
+    data: bytes,
+    request_id: str,
+    to_exit: int,
+    transfer_id: str = "",
+    request: pb.GenerateRequest | None = None,
+) -> pb.HandoffHeader:
     meta = peek_metadata(data)
     tokens = [int(t) for t in meta.get("token_ids", [])]
     num_prompt = int(meta.get("num_prompt_tokens", 0))
     return pb.HandoffHeader(
-        request_id=request_id, mode=MODE_ENUMS[meta["mode"]], model_fingerprint=meta["fingerprint"],
-        from_exit=int(meta["exit"]), to_exit=to_exit, prompt_token_ids=tokens[:num_prompt],
-        generated_token_ids=tokens[num_prompt:], total_bytes=len(data), transfer_id=transfer_id,
+        request_id=request_id,
+        mode=MODE_ENUMS[meta["mode"]],
+        model_fingerprint=meta["fingerprint"],
+        from_exit=int(meta["exit"]),
+        to_exit=to_exit,
+        prompt_token_ids=tokens[:num_prompt],
+        generated_token_ids=tokens[num_prompt:],
+        total_bytes=len(data),
+        transfer_id=transfer_id,
         request=request or pb.GenerateRequest(),
     )
 
 
-def state_parts(header: pb.HandoffHeader, data: bytes, chunk_bytes: int = CHUNK_BYTES,
-                include_data: bool = True) -> Iterator[pb.ResumeRequest]:
+def state_parts(
+    header: pb.HandoffHeader, data: bytes, chunk_bytes: int = CHUNK_BYTES, include_data: bool = True
+) -> Iterator[pb.ResumeRequest]:
     yield pb.ResumeRequest(header=header)
     if include_data:
         for offset in range(0, len(data), chunk_bytes):
-            yield pb.ResumeRequest(data=pb.StateBytes(offset=offset, data=data[offset : offset + chunk_bytes]))
+            yield pb.ResumeRequest(
+                data=pb.StateBytes(offset=offset, data=data[offset : offset + chunk_bytes])
+            )
         yield pb.ResumeRequest(end=pb.StateEnd(total_bytes=len(data), crc32=zlib.crc32(data)))
     else:
         yield pb.ResumeRequest(end=pb.StateEnd(total_bytes=0))
 
 
-def read_state(parts: Iterable[pb.ResumeRequest], max_bytes: int,
-               pushed: bool = False) -> tuple[pb.HandoffHeader, bytes]:
+def read_state(
+    parts: Iterable[pb.ResumeRequest], max_bytes: int, pushed: bool = False
+) -> tuple[pb.HandoffHeader, bytes]:
     """Assemble and check a state stream. On Resume a header naming a transfer id carries no
     bytes (they were pushed before); `pushed=True` reads such a push (AcceptState)."""
     it = iter(parts)

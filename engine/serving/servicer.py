@@ -28,8 +28,11 @@ from router.grpc_server import Admission, channel_options
 
 MAX_PROMPT_CHARS = 256 * 1024
 TIERS = {"edge": pb.TIER_EDGE, "cloud": pb.TIER_CLOUD}
-FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
-          "abort": pb.FINISH_REASON_CANCELLED}
+FINISH = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_CANCELLED,
+}
 REASONS = {"low_confidence": pb.HANDOFF_REASON_LOW_CONFIDENCE, "forced": pb.HANDOFF_REASON_FORCED}
 TRANSFER_SECONDS = 120.0
 
@@ -46,9 +49,19 @@ class NodeIdentity:
 
 
 def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
-    opt = {f: getattr(s, f) for f in ("max_tokens", "temperature", "top_k", "top_p",
-                                        "repetition_penalty", "no_repeat_ngram_size", "seed")
-           if s.HasField(f)}
+    opt = {
+        f: getattr(s, f)
+        for f in (
+            "max_tokens",
+            "temperature",
+            "top_k",
+            "top_p",
+            "repetition_penalty",
+            "no_repeat_ngram_size",
+            "seed",
+        )
+        if s.HasField(f)
+    }
     if "no_repeat_ngram_size" in opt:
         opt["no_repeat_ngram_size"] = int(opt["no_repeat_ngram_size"])
     return SamplingParams(**opt, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids))
@@ -75,8 +88,13 @@ class NodeServicer(pb_grpc.NodeServicer):
         self._lock = threading.Lock()
         self._accepted: dict[str, tuple[pb.HandoffHeader, bytes, float]] = {}
 
-    def attach(self, worker: EngineWorker, fingerprint: str, prefill_tokens_per_s: float,
-               max_state_bytes: int) -> None:
+    def attach(
+        self,
+        worker: EngineWorker,
+        fingerprint: str,
+        prefill_tokens_per_s: float,
+        max_state_bytes: int,
+    ) -> None:
         self.engine = worker.engine
         self.fingerprint = fingerprint
         self.prefill_tokens_per_s = prefill_tokens_per_s
@@ -84,17 +102,29 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.worker = worker  # last: its presence means ready
 
     # -- Generate / Resume --------------------------------------------------------------------
-    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+    def Generate(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Chunk]:
         self._check_ready()
         with self.admission.admit():
             yield from self._generate(request, context)
 
-    def _generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+    def _generate(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Chunk]:
         prompt_ids = self._prompt_ids(request)
-        exit_layer = request.overrides.exit if request.overrides.HasField("exit") else self.id.exits[-1]
+        exit_layer = (
+            request.overrides.exit if request.overrides.HasField("exit") else self.id.exits[-1]
+        )
         prefix = list(request.prefix_token_ids)
-        handle = self.worker.generate(request.request_id, prompt_ids, sampling_from_proto(request.sampling),
-                                      exit_layer, escalation_from_proto(request.escalation), prefix)
+        handle = self.worker.generate(
+            request.request_id,
+            prompt_ids,
+            sampling_from_proto(request.sampling),
+            exit_layer,
+            escalation_from_proto(request.escalation),
+            prefix,
+        )
         yield from self._stream(handle, context, len(prefix), exit_layer)
 
     def Resume(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
@@ -107,12 +137,17 @@ class NodeServicer(pb_grpc.NodeServicer):
         if header.transfer_id:
             header, data = self._take_accepted(header)
         self.metrics.handoff_bytes.labels(**self.metrics.lab(direction="in")).observe(len(data))
-        handle = self.worker.resume(header.request_id, data, header.to_exit,
-                                    escalation_from_proto(header.request.escalation))
+        handle = self.worker.resume(
+            header.request_id,
+            data,
+            header.to_exit,
+            escalation_from_proto(header.request.escalation),
+        )
         yield from self._stream(handle, context, len(header.generated_token_ids), header.to_exit)
 
-    def _stream(self, handle: RequestHandle, context: grpc.ServicerContext, offset: int,
-                exit_layer: int) -> Iterator[pb.Chunk]:
+    def _stream(
+        self, handle: RequestHandle, context: grpc.ServicerContext, offset: int, exit_layer: int
+    ) -> Iterator[pb.Chunk]:
         m, started, last, outcome = self.metrics, time.perf_counter(), None, "error"
         ended = False
         m.in_flight.labels(**m.lab()).inc()
@@ -142,7 +177,9 @@ class NodeServicer(pb_grpc.NodeServicer):
                     yield self._handoff_chunk(handle.request_id, item, offset, exit_layer)
                     continue
                 now = time.perf_counter()
-                (m.ttft if last is None else m.itl).labels(**m.lab()).observe(now - (last or started))
+                (m.ttft if last is None else m.itl).labels(**m.lab()).observe(
+                    now - (last or started)
+                )
                 last = now
                 m.tokens.labels(**m.lab(exit=str(item.exit))).inc()
                 yield self._token_chunk(handle.request_id, item, offset)
@@ -162,19 +199,30 @@ class NodeServicer(pb_grpc.NodeServicer):
     def _token_chunk(self, request_id: str, ev: TokenEvent, offset: int) -> pb.Chunk:
         c = ev.confidence
         return pb.Chunk(
-            request_id=request_id, text=ev.text, token_ids=[ev.token_id],
-            confidence=[pb.TokenConfidence(max_prob=c.max_prob, margin=c.margin, entropy=c.entropy)],
-            source=self._source(ev.exit), token_offset=offset,
+            request_id=request_id,
+            text=ev.text,
+            token_ids=[ev.token_id],
+            confidence=[
+                pb.TokenConfidence(max_prob=c.max_prob, margin=c.margin, entropy=c.entropy)
+            ],
+            source=self._source(ev.exit),
+            token_offset=offset,
             finish_reason=FINISH.get(ev.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
         )
 
     def _handoff_chunk(self, request_id: str, p: Parked, offset: int, exit_layer: int) -> pb.Chunk:
         return pb.Chunk(
-            request_id=request_id, source=self._source(exit_layer), token_offset=offset,
+            request_id=request_id,
+            source=self._source(exit_layer),
+            token_offset=offset,
             finish_reason=pb.FINISH_REASON_HANDOFF,
             handoff=pb.HandoffNeeded(
-                from_exit=p.from_exit, suggested_to_exit=p.to_exit, reason=REASONS[p.reason],
-                state_handle=p.handle, state_bytes=p.state_bytes, num_tokens=p.num_tokens,
+                from_exit=p.from_exit,
+                suggested_to_exit=p.to_exit,
+                reason=REASONS[p.reason],
+                state_handle=p.handle,
+                state_bytes=p.state_bytes,
+                num_tokens=p.num_tokens,
                 model_fingerprint=self.fingerprint,
             ),
         )
@@ -213,11 +261,15 @@ class NodeServicer(pb_grpc.NodeServicer):
             raise InvalidRequest("state mode must be HIDDEN or TOKENS")
         return self.worker.take_parked(ref.state_handle, MODE_NAMES[ref.mode])
 
-    def FetchState(self, request: pb.StateRef, context: grpc.ServicerContext) -> Iterator[pb.ResumeRequest]:
+    def FetchState(
+        self, request: pb.StateRef, context: grpc.ServicerContext
+    ) -> Iterator[pb.ResumeRequest]:
         data = self._export(request)
         yield from state_parts(header_for(data, "", request.to_exit), data)
 
-    def PushState(self, request: pb.PushStateRequest, context: grpc.ServicerContext) -> pb.PushStateReply:
+    def PushState(
+        self, request: pb.PushStateRequest, context: grpc.ServicerContext
+    ) -> pb.PushStateReply:
         data = self._export(request.state)
         header = header_for(data, "", request.state.to_exit, transfer_id=request.transfer_id)
         started = time.perf_counter()
@@ -226,8 +278,12 @@ class NodeServicer(pb_grpc.NodeServicer):
             try:
                 stub.AcceptState(state_parts(header, data), timeout=60)
             except grpc.RpcError as exc:
-                raise NodeUnavailable(f"push to {request.destination} failed: {exc.details()}") from exc
-        return pb.PushStateReply(num_bytes=len(data), duration_ms=(time.perf_counter() - started) * 1e3)
+                raise NodeUnavailable(
+                    f"push to {request.destination} failed: {exc.details()}"
+                ) from exc
+        return pb.PushStateReply(
+            num_bytes=len(data), duration_ms=(time.perf_counter() - started) * 1e3
+        )
 
     # -- facts and control ------------------------------------------------------------------------
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
@@ -235,14 +291,23 @@ class NodeServicer(pb_grpc.NodeServicer):
         running, queued, outstanding = self.worker.load()
         c = self.engine.config
         return pb.NodeInfo(
-            name=self.id.name, tier=TIERS[self.id.tier], model=self.id.model,
-            model_fingerprint=self.fingerprint, family=c.family, exits=list(self.id.exits),
+            name=self.id.name,
+            tier=TIERS[self.id.tier],
+            model=self.id.model,
+            model_fingerprint=self.fingerprint,
+            family=c.family,
+            exits=list(self.id.exits),
             capacity=pb.Capacity(max_batch=self.id.max_batch, max_context=self.id.max_context),
             load=pb.Load(running=running, queued=queued, outstanding_tokens=outstanding),
-            shape=pb.ModelShape(num_layers=c.num_layers, hidden_size=c.hidden_size,
-                                num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                                dtype_bytes=self.engine.model.embed.element_size()),
-            prefill_tokens_per_s=self.prefill_tokens_per_s, backend=self.id.backend,
+            shape=pb.ModelShape(
+                num_layers=c.num_layers,
+                hidden_size=c.hidden_size,
+                num_kv_heads=c.num_kv_heads,
+                head_dim=c.head_dim,
+                dtype_bytes=self.engine.model.embed.element_size(),
+            ),
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            backend=self.id.backend,
             draining=self.admission.is_draining,
         )
 
@@ -263,7 +328,9 @@ class NodeServicer(pb_grpc.NodeServicer):
                 raise InvalidRequest(f"prompt over {MAX_PROMPT_CHARS} characters")
             return tok.encode(request.text)
         if kind == "conversation":
-            messages = [{"role": m.role, "content": m.content} for m in request.conversation.messages]
+            messages = [
+                {"role": m.role, "content": m.content} for m in request.conversation.messages
+            ]
             if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
                 raise InvalidRequest(f"prompt over {MAX_PROMPT_CHARS} characters")
             thinking = request.enable_thinking if request.HasField("enable_thinking") else None

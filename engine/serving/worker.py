@@ -94,26 +94,36 @@ class EngineWorker:
 
     # -- requests -------------------------------------------------------------------------------
     def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, exit_layer: int,
-        escalation: EscalationSettings, prefix_ids: list[int] = (),
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        exit_layer: int,
+        escalation: EscalationSettings,
+        prefix_ids: list[int] = (),
     ) -> RequestHandle:
         self._check_served(exit_layer)
         handle = RequestHandle(request_id, EscalationWatch(escalation))
         handle.watch.generated = len(prefix_ids)
 
         def add() -> None:
-            handle.seq_id = self.engine.add_request(prompt_ids, params, exit_layer, prefix_ids=prefix_ids)
+            handle.seq_id = self.engine.add_request(
+                prompt_ids, params, exit_layer, prefix_ids=prefix_ids
+            )
             self._handles[handle.seq_id] = handle
 
         self.call(add)
         return handle
 
-    def resume(self, request_id: str, data: bytes, exit_layer: int,
-               escalation: EscalationSettings) -> RequestHandle:
+    def resume(
+        self, request_id: str, data: bytes, exit_layer: int, escalation: EscalationSettings
+    ) -> RequestHandle:
         self._check_served(exit_layer)
         handle = RequestHandle(request_id, EscalationWatch(escalation))
         meta = peek_metadata(data)
-        handle.watch.generated = len(meta.get("token_ids", [])) - int(meta.get("num_prompt_tokens", 0))
+        handle.watch.generated = len(meta.get("token_ids", [])) - int(
+            meta.get("num_prompt_tokens", 0)
+        )
 
         def add() -> None:
             handle.seq_id = self.engine.import_state(data, exit_layer=exit_layer)
@@ -133,7 +143,9 @@ class EngineWorker:
 
     def _check_served(self, exit_layer: int) -> None:
         if exit_layer not in self.served_exits:
-            raise InvalidRequest(f"exit {exit_layer} is not served by this node {list(self.served_exits)}")
+            raise InvalidRequest(
+                f"exit {exit_layer} is not served by this node {list(self.served_exits)}"
+            )
 
     # -- parked states ----------------------------------------------------------------------------
     def take_parked(self, handle: str, mode: str) -> bytes:
@@ -218,7 +230,9 @@ class EngineWorker:
         num_tokens = len(seq.token_ids)
         data = self.engine.export_state(event.seq_id, "hidden")
         self._handles.pop(event.seq_id, None)
-        handle.items.put(Parked(self._park(data), event.exit, target, reason, len(data), num_tokens))
+        handle.items.put(
+            Parked(self._park(data), event.exit, target, reason, len(data), num_tokens)
+        )
         handle.items.put(None)
 
     def _fail_all(self, exc: Exception) -> None:

@@ -19,8 +19,10 @@ from proto import ruyiflow_pb2 as pb
 from router.client import RouterClient
 
 EASY = "What is the capital of France?"
-HARD = ("Prove step by step that there are infinitely many primes, then write Python code that "
-        "computes the first 100 primes and explain its complexity.")
+HARD = (
+    "Prove step by step that there are infinitely many primes, then write Python code that "
+    "computes the first 100 primes and explain its complexity."
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +62,29 @@ def test_escalation_on_the_same_node(client, smollm2):
     move = result.trace.handoffs[0]
     assert move.from_node == move.to_node == "edge-0" and move.num_bytes == 0
     prefix = chat_ids(smollm2, EASY) + result.token_ids[:4]
-    assert result.token_ids[4:] == destination_tokens(smollm2, prefix, 16, len(result.token_ids) - 4)
+    assert result.token_ids[4:] == destination_tokens(
+        smollm2, prefix, 16, len(result.token_ids) - 4
+    )
 
 
 @pytest.mark.parametrize("mode", ["hidden", "tokens"])
 def test_escalation_across_nodes_equals_destination_branch(client, smollm2, mode):
-    result = client.complete(EASY, max_tokens=16, exit=16, handoff_mode=mode,
-                             escalation={"force_after_tokens": 5})
+    result = client.complete(
+        EASY, max_tokens=16, exit=16, handoff_mode=mode, escalation={"force_after_tokens": 5}
+    )
     nodes = [(s.node, s.exit) for s in result.trace.spans]
     assert nodes[0] == ("edge-0", 16) and nodes[1][0] == "cloud-0"
     handoff = result.trace.handoffs[0]
     assert handoff.from_node == "edge-0" and handoff.to_node == "cloud-0"
-    assert handoff.mode == {"hidden": pb.HANDOFF_MODE_HIDDEN, "tokens": pb.HANDOFF_MODE_TOKENS}[mode]
+    assert (
+        handoff.mode == {"hidden": pb.HANDOFF_MODE_HIDDEN, "tokens": pb.HANDOFF_MODE_TOKENS}[mode]
+    )
     assert handoff.num_bytes > 0 and handoff.duration_ms > 0
     to_exit = nodes[1][1]
     prefix = chat_ids(smollm2, EASY) + result.token_ids[:5]
-    assert result.token_ids[5:] == destination_tokens(smollm2, prefix, to_exit, len(result.token_ids) - 5)
+    assert result.token_ids[5:] == destination_tokens(
+        smollm2, prefix, to_exit, len(result.token_ids) - 5
+    )
 
 
 def test_bad_input_gets_a_status_and_the_router_keeps_serving(client):
@@ -117,8 +126,14 @@ def test_metrics_count_a_known_sequence(client, cluster):
     after = scrape(cluster.addr["router_m"])
     edge_after = scrape(cluster.addr["edge_m"])
     name = "ruyiflow_router_requests_total"
-    assert sample(after, name, tier="edge", exit="12") - sample(before, name, tier="edge", exit="12") == 2
-    assert sample(after, name, tier="cloud", exit="29") - sample(before, name, tier="cloud", exit="29") == 1
+    assert (
+        sample(after, name, tier="edge", exit="12") - sample(before, name, tier="edge", exit="12")
+        == 2
+    )
+    assert (
+        sample(after, name, tier="cloud", exit="29") - sample(before, name, tier="cloud", exit="29")
+        == 1
+    )
     tokens = "ruyiflow_node_tokens_generated_total"
     assert sample(edge_after, tokens, exit="12") - sample(edge_before, tokens, exit="12") == 8
     assert sample(after, "ruyiflow_router_node_up", node="edge-0") == 1
@@ -127,8 +142,13 @@ def test_metrics_count_a_known_sequence(client, cluster):
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_promtool_accepts_every_exposition(cluster):
     for key in ("router_m", "edge_m", "cloud_m"):
-        result = subprocess.run(["promtool", "check", "metrics"], input=scrape(cluster.addr[key]),
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            ["promtool", "check", "metrics"],
+            input=scrape(cluster.addr[key]),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert result.returncode == 0, (key, result.stdout, result.stderr)
 
 
@@ -139,21 +159,34 @@ def test_real_prometheus_scrapes_every_target_up(cluster, tmp_path):
     port = free_ports(1)[0]
     targets = [cluster.addr[k] for k in ("router_m", "edge_m", "cloud_m")]
     config = tmp_path / "prometheus.yml"
-    config.write_text(json.dumps({
-        "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": "ruyiflow", "static_configs": [{"targets": targets}]}],
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s"},
+                "scrape_configs": [
+                    {"job_name": "ruyiflow", "static_configs": [{"targets": targets}]}
+                ],
+            }
+        )
+    )
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
-         f"--storage.tsdb.path={tmp_path / 'data'}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 60
         health = {}
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2) as r:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/v1/targets", timeout=2
+                ) as r:
                     active = json.load(r)["data"]["activeTargets"]
                 health = {t["scrapeUrl"]: t["health"] for t in active}
                 if len(health) == 3 and all(h == "up" for h in health.values()):
@@ -170,8 +203,18 @@ def test_real_prometheus_scrapes_every_target_up(cluster, tmp_path):
 def test_query_cli_prints_answer_and_trace(cluster):
     import sys
 
-    cmd = [sys.executable, "-m", "ruyiflow", "query", "--router", cluster.addr["router"],
-           "--max-tokens", "4", "--exit", "20"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ruyiflow",
+        "query",
+        "--router",
+        cluster.addr["router"],
+        "--max-tokens",
+        "4",
+        "--exit",
+        "20",
+    ]
     result = subprocess.run([*cmd, "--json", "Hi"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)

@@ -28,8 +28,10 @@ def stubs(nodes):
 
 def request(exit_layer: int, max_tokens: int = 16, **escalation) -> pb.GenerateRequest:
     return pb.GenerateRequest(
-        request_id=uuid.uuid4().hex, token_ids=pb.TokenIds(ids=PROMPT),
-        sampling=pb.SamplingParams(max_tokens=max_tokens), overrides=pb.Overrides(exit=exit_layer),
+        request_id=uuid.uuid4().hex,
+        token_ids=pb.TokenIds(ids=PROMPT),
+        sampling=pb.SamplingParams(max_tokens=max_tokens),
+        overrides=pb.Overrides(exit=exit_layer),
         escalation=pb.EscalationSettings(**escalation),
     )
 
@@ -67,9 +69,14 @@ def _handoff(stubs, at: int = 5) -> tuple[list[int], pb.HandoffNeeded]:
 
 def test_escalation_out_of_the_node_then_fetch_and_resume(stubs, smollm2):
     got, handoff = _handoff(stubs)
-    assert len(got) == 5 and handoff.suggested_to_exit == 20 and handoff.num_tokens == len(PROMPT) + 5
-    parts = list(stubs["edge"].FetchState(pb.StateRef(state_handle=handoff.state_handle,
-                                                      mode=pb.HANDOFF_MODE_HIDDEN, to_exit=24)))
+    assert (
+        len(got) == 5 and handoff.suggested_to_exit == 20 and handoff.num_tokens == len(PROMPT) + 5
+    )
+    parts = list(
+        stubs["edge"].FetchState(
+            pb.StateRef(state_handle=handoff.state_handle, mode=pb.HANDOFF_MODE_HIDDEN, to_exit=24)
+        )
+    )
     chunks = list(stubs["cloud"].Resume(iter(parts)))
     assert chunks[0].token_offset == 5 and chunks[0].source.exit == 24
     assert tokens(chunks) == reference(smollm2, PROMPT + got, 24, 15)
@@ -79,9 +86,13 @@ def test_escalation_out_of_the_node_then_fetch_and_resume(stubs, smollm2):
 def test_push_then_resume_by_transfer_id(stubs, nodes, smollm2, mode):
     got, handoff = _handoff(stubs)
     transfer = uuid.uuid4().hex
-    reply = stubs["edge"].PushState(pb.PushStateRequest(
-        state=pb.StateRef(state_handle=handoff.state_handle, mode=mode, to_exit=29),
-        destination=nodes.addr["cloud"], transfer_id=transfer))
+    reply = stubs["edge"].PushState(
+        pb.PushStateRequest(
+            state=pb.StateRef(state_handle=handoff.state_handle, mode=mode, to_exit=29),
+            destination=nodes.addr["cloud"],
+            transfer_id=transfer,
+        )
+    )
     assert reply.num_bytes > 0
     header = pb.HandoffHeader(transfer_id=transfer, to_exit=29, mode=mode)
     parts = [pb.ResumeRequest(header=header), pb.ResumeRequest(end=pb.StateEnd())]
@@ -92,8 +103,11 @@ def test_push_then_resume_by_transfer_id(stubs, nodes, smollm2, mode):
 @pytest.fixture(scope="module")
 def state(stubs):
     _, handoff = _handoff(stubs)
-    parts = list(stubs["edge"].FetchState(pb.StateRef(state_handle=handoff.state_handle,
-                                                      mode=pb.HANDOFF_MODE_HIDDEN, to_exit=20)))
+    parts = list(
+        stubs["edge"].FetchState(
+            pb.StateRef(state_handle=handoff.state_handle, mode=pb.HANDOFF_MODE_HIDDEN, to_exit=20)
+        )
+    )
     return b"".join(p.data.data for p in parts if p.WhichOneof("part") == "data")
 
 
@@ -105,9 +119,23 @@ def _resume(stub, data: bytes, parts=None):
 @pytest.mark.parametrize(
     ("edit", "code", "match"),
     [
-        (lambda s: _rewrite(s, lambda m: m.update(fingerprint="f" * 24)), "FAILED_PRECONDITION", "only tokens mode"),
-        (lambda s: _rewrite(s, tensor_edit=lambda t: t.update({"trunk.0.k": t["trunk.0.k"].half()})), "INVALID_ARGUMENT", "dtype"),
-        (lambda s: _rewrite(s, tensor_edit=lambda t: t.update({"boundary": t["boundary"][:-1]})), "INVALID_ARGUMENT", "shape"),
+        (
+            lambda s: _rewrite(s, lambda m: m.update(fingerprint="f" * 24)),
+            "FAILED_PRECONDITION",
+            "only tokens mode",
+        ),
+        (
+            lambda s: _rewrite(
+                s, tensor_edit=lambda t: t.update({"trunk.0.k": t["trunk.0.k"].half()})
+            ),
+            "INVALID_ARGUMENT",
+            "dtype",
+        ),
+        (
+            lambda s: _rewrite(s, tensor_edit=lambda t: t.update({"boundary": t["boundary"][:-1]})),
+            "INVALID_ARGUMENT",
+            "shape",
+        ),
         (lambda s: s[:-100], "INVALID_ARGUMENT", "not a valid payload"),
     ],
 )
@@ -121,11 +149,15 @@ def test_malformed_chunk_streams_refused(stubs, state):
     header = header_for(state, "bad", 20)
     cases = {
         "must start with a header": [pb.ResumeRequest(end=pb.StateEnd())],
-        "truncated": [pb.ResumeRequest(header=header),
-                      pb.ResumeRequest(data=pb.StateBytes(offset=0, data=state[:1000])),
-                      pb.ResumeRequest(end=pb.StateEnd(total_bytes=1000))],
-        "offset": [pb.ResumeRequest(header=header),
-                   pb.ResumeRequest(data=pb.StateBytes(offset=5, data=state[:10]))],
+        "truncated": [
+            pb.ResumeRequest(header=header),
+            pb.ResumeRequest(data=pb.StateBytes(offset=0, data=state[:1000])),
+            pb.ResumeRequest(end=pb.StateEnd(total_bytes=1000)),
+        ],
+        "offset": [
+            pb.ResumeRequest(header=header),
+            pb.ResumeRequest(data=pb.StateBytes(offset=5, data=state[:10])),
+        ],
         "ended without": [pb.ResumeRequest(header=header)],
     }
     oversize = pb.HandoffHeader()
@@ -144,11 +176,29 @@ def test_bad_requests_keep_the_daemon_serving(stubs):
     cases = [
         (request(20), "not served by this node"),
         (request(13), "not served"),
-        (pb.GenerateRequest(request_id="x", token_ids=pb.TokenIds(ids=[]), overrides=pb.Overrides(exit=12)), "empty"),
-        (pb.GenerateRequest(request_id="x", text="hi", sampling=pb.SamplingParams(top_p=2.0),
-                            overrides=pb.Overrides(exit=12)), "top_p"),
-        (pb.GenerateRequest(request_id="x", token_ids=pb.TokenIds(ids=list(range(1, 3000))),
-                            overrides=pb.Overrides(exit=12)), "context length"),
+        (
+            pb.GenerateRequest(
+                request_id="x", token_ids=pb.TokenIds(ids=[]), overrides=pb.Overrides(exit=12)
+            ),
+            "empty",
+        ),
+        (
+            pb.GenerateRequest(
+                request_id="x",
+                text="hi",
+                sampling=pb.SamplingParams(top_p=2.0),
+                overrides=pb.Overrides(exit=12),
+            ),
+            "top_p",
+        ),
+        (
+            pb.GenerateRequest(
+                request_id="x",
+                token_ids=pb.TokenIds(ids=list(range(1, 3000))),
+                overrides=pb.Overrides(exit=12),
+            ),
+            "context length",
+        ),
         (pb.GenerateRequest(request_id="x"), "no prompt"),
     ]
     for req, match in cases:

@@ -118,17 +118,45 @@ def _rewrite(state: bytes, meta_edit=None, tensor_edit=None) -> bytes:
     [
         (lambda s: s[: len(s) // 2], HandoffError, "not a valid payload"),
         (lambda s: b"garbage", HandoffError, "not a valid payload"),
-        (lambda s: _rewrite(s, lambda m: m.update(fingerprint="0" * 24)), ModelMismatch, "only tokens mode"),
+        (
+            lambda s: _rewrite(s, lambda m: m.update(fingerprint="0" * 24)),
+            ModelMismatch,
+            "only tokens mode",
+        ),
         (lambda s: _rewrite(s, lambda m: m.update(exit=13)), HandoffError, "exit 13"),
         (lambda s: _rewrite(s, lambda m: m.update(version=9)), HandoffError, "version 9"),
         (lambda s: _rewrite(s, lambda m: m["token_ids"].append(10**9)), HandoffError, "vocabulary"),
         (lambda s: _rewrite(s, lambda m: m.pop("params")), HandoffError, "'params' missing"),
         (lambda s: _rewrite(s, lambda m: m["params"].update(top_p=5)), InvalidRequest, "top_p"),
-        (lambda s: _rewrite(s, tensor_edit=lambda t: t.pop("trunk.3.v")), HandoffError, "trunk.3.v"),
-        (lambda s: _rewrite(s, tensor_edit=lambda t: t.update({"boundary": t["boundary"][:-1]})), HandoffError, "shape"),
-        (lambda s: _rewrite(s, tensor_edit=lambda t: t.update({"trunk.0.k": t["trunk.0.k"].half()})), HandoffError, "dtype"),
-        (lambda s: _rewrite(s, tensor_edit=lambda t: t["boundary"].__setitem__((0, 0), float("nan"))), HandoffError, "non-finite"),
-        (lambda s: _rewrite(s, tensor_edit=lambda t: t.update({"rng": t["rng"][:10]})), HandoffError, "rng"),
+        (
+            lambda s: _rewrite(s, tensor_edit=lambda t: t.pop("trunk.3.v")),
+            HandoffError,
+            "trunk.3.v",
+        ),
+        (
+            lambda s: _rewrite(s, tensor_edit=lambda t: t.update({"boundary": t["boundary"][:-1]})),
+            HandoffError,
+            "shape",
+        ),
+        (
+            lambda s: _rewrite(
+                s, tensor_edit=lambda t: t.update({"trunk.0.k": t["trunk.0.k"].half()})
+            ),
+            HandoffError,
+            "dtype",
+        ),
+        (
+            lambda s: _rewrite(
+                s, tensor_edit=lambda t: t["boundary"].__setitem__((0, 0), float("nan"))
+            ),
+            HandoffError,
+            "non-finite",
+        ),
+        (
+            lambda s: _rewrite(s, tensor_edit=lambda t: t.update({"rng": t["rng"][:10]})),
+            HandoffError,
+            "rng",
+        ),
     ],
 )
 def test_tampered_state_is_refused(smollm2, state, edit, error, match):

@@ -36,7 +36,9 @@ def reference(smollm2):
 
 def test_capital_of_france(smollm2):
     tok = smollm2.tokenizer
-    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]))
+    prompt = tok.encode(
+        tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    )
     events = list(Engine(smollm2).generate(prompt, SamplingParams(max_tokens=24)))
     text = "".join(e.text for e in events)
     assert "Paris" in text, text
@@ -52,7 +54,9 @@ def test_batch_of_8_with_joins_and_leaves_matches_alone(smollm2, reference):
     while engine.has_work():
         if step in (2, 5):  # others join mid-flight, one sampled with a seed
             engine.add_request([1, 400 + step] * 4, greedy(6), 16)
-            engine.add_request([1, 500 + step] * 3, SamplingParams(max_tokens=6, temperature=0.9, seed=step), 24)
+            engine.add_request(
+                [1, 500 + step] * 3, SamplingParams(max_tokens=6, temperature=0.9, seed=step), 24
+            )
         assert len(engine.running) <= 8
         out += [e.token_id for e in engine.step() if e.seq_id == main]
         step += 1
@@ -80,7 +84,10 @@ def test_switch_keeps_only_valid_cache(smollm2):
     assert cache.num_trunk_layers() == 16 and set(cache.branch) == {16}
 
 
-@pytest.mark.parametrize(("src", "dst", "mode"), [(12, 24, "hidden"), (16, 16, "hidden"), (20, 29, "tokens"), (29, 12, "tokens")])
+@pytest.mark.parametrize(
+    ("src", "dst", "mode"),
+    [(12, 24, "hidden"), (16, 16, "hidden"), (20, 29, "tokens"), (29, 12, "tokens")],
+)
 def test_export_import_equals_destination_branch(smollm2, reference, src, dst, mode):
     engine = Engine(smollm2)
     sid = engine.add_request(PROMPT, greedy(40), src)
@@ -109,17 +116,23 @@ def test_handoff_to_another_process(smollm2, reference, tmp_path):
         "    out += [ev.token_id for ev in e.step() if ev.seq_id == sid]\n"
         "print(json.dumps(out))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == run(reference, prefix, 29, 8)
 
 
 def test_same_seed_same_output_whatever_the_batch(smollm2):
-    params = SamplingParams(max_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=1234, ignore_eos=True
+    )
     alone = [e.token_id for e in Engine(smollm2).generate(PROMPT, params, 20)]
     engine = Engine(smollm2)
     for i in range(3):
-        engine.add_request([1, 77 + i, 88], SamplingParams(max_tokens=5, temperature=1.0, seed=i), 24)
+        engine.add_request(
+            [1, 77 + i, 88], SamplingParams(max_tokens=5, temperature=1.0, seed=i), 24
+        )
     assert [e.token_id for e in engine.generate(PROMPT, params, 20)] == alone
     other_seed = SamplingParams(**{**params.to_dict(), "seed": 99})
     assert [e.token_id for e in Engine(smollm2).generate(PROMPT, other_seed, 20)] != alone
@@ -163,7 +176,9 @@ def test_sampling_processors(smollm2, reference):
     tokens = PROMPT + [e.token_id for e in Engine(smollm2).generate(PROMPT, params, 29)]
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     assert len(grams) == len(set(grams))
-    penalised = [e.token_id for e in Engine(smollm2).generate(PROMPT, greedy(16, repetition_penalty=1.5), 29)]
+    penalised = [
+        e.token_id for e in Engine(smollm2).generate(PROMPT, greedy(16, repetition_penalty=1.5), 29)
+    ]
     assert penalised != base and len(set(penalised)) >= len(set(base))
 
 

@@ -74,10 +74,11 @@ def test_batch_of_several_sequences_matches_alone(tmp_path):
     prompts = [([3, 4, 5, 6], 4), ([7, 8], 1), ([9, 10, 11], 2), ([12, 13, 14, 15, 16], 4)]
     alone = [ours(loaded, p + [20, 21], e, split=len(p))[-1] for p, e in prompts]
     caches = [model.new_cache() for _ in prompts]
-    model.forward([Work(c, p, 0, e) for c, (p, e) in zip(caches, prompts)])
-    model.forward([Work(c, [20], len(p), e) for c, (p, e) in zip(caches, prompts)])
-    last = model.forward([Work(c, [21], len(p) + 1, e) for c, (p, e) in zip(caches, prompts)])
-    for got, ref in zip(last, alone):
+    model.forward([Work(c, p, 0, e) for c, (p, e) in zip(caches, prompts, strict=True)])
+    model.forward([Work(c, [20], len(p), e) for c, (p, e) in zip(caches, prompts, strict=True)])
+    pairs = list(zip(caches, prompts, strict=True))
+    last = model.forward([Work(c, [21], len(p) + 1, e) for c, (p, e) in pairs])
+    for got, ref in zip(last, alone, strict=True):
         torch.testing.assert_close(got, ref, **TOL)
 
 

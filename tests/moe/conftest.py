@@ -6,9 +6,16 @@ import pytest
 
 from tests.moe.tiny_moe import save_moe
 
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-        "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0,
-        "mscale": 1.0, "mscale_all_dim": 0.8}
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 128,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 0.8,
+}
 VARIANTS = {
     "hunyuan_v1_moe": ("hunyuan_v1_moe", {}),
     "dots1": ("dots1", {}),

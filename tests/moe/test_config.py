@@ -19,42 +19,103 @@ from tests.moe.tiny_moe import hf_logits
 
 # The released configs' fields as moe.md §1.1, §2.1, §3.1 record them.
 HUNYUAN_A13B = {
-    "model_type": "hunyuan", "hidden_size": 4096, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "attention_head_dim": 128,
-    "intermediate_size": 3072, "moe_intermediate_size": [3072] * 32, "num_experts": 64,
-    "moe_topk": [8] * 32, "num_shared_expert": [1] * 32, "use_mixed_mlp_moe": True,
-    "norm_topk_prob": True, "routed_scaling_factor": 1.0, "vocab_size": 128167,
-    "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "norm_type": "rms", "rope_theta": 10000.0,
-    "rope_scaling": {"type": "dynamic", "alpha": 1000.0, "factor": 1.0, "beta_fast": 32,
-                     "beta_slow": 1, "mscale": 1, "mscale_all_dim": 1},
-    "max_position_embeddings": 32768, "use_qk_norm": True, "use_cla": False, "use_mla": False,
-    "attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "eos_token_id": 127960,
+    "model_type": "hunyuan",
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "attention_head_dim": 128,
+    "intermediate_size": 3072,
+    "moe_intermediate_size": [3072] * 32,
+    "num_experts": 64,
+    "moe_topk": [8] * 32,
+    "num_shared_expert": [1] * 32,
+    "use_mixed_mlp_moe": True,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 1.0,
+    "vocab_size": 128167,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-5,
+    "norm_type": "rms",
+    "rope_theta": 10000.0,
+    "rope_scaling": {
+        "type": "dynamic",
+        "alpha": 1000.0,
+        "factor": 1.0,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1,
+        "mscale_all_dim": 1,
+    },
+    "max_position_embeddings": 32768,
+    "use_qk_norm": True,
+    "use_cla": False,
+    "use_mla": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "hidden_act": "silu",
+    "eos_token_id": 127960,
 }
 DOTS_LLM1 = {
-    "model_type": "dots1", "hidden_size": 4096, "num_hidden_layers": 62,
-    "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 10944,
-    "first_k_dense_replace": 1, "moe_layer_freq": 1, "moe_intermediate_size": 1408,
-    "n_routed_experts": 128, "num_experts_per_tok": 6, "n_shared_experts": 2,
-    "norm_topk_prob": True, "routed_scaling_factor": 2.5, "scoring_func": "noaux_tc",
-    "vocab_size": 152064, "rms_norm_eps": 1e-5, "rope_theta": 1e7, "rope_scaling": None,
-    "max_position_embeddings": 32768, "sliding_window": None, "use_sliding_window": False,
+    "model_type": "dots1",
+    "hidden_size": 4096,
+    "num_hidden_layers": 62,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "intermediate_size": 10944,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "moe_intermediate_size": 1408,
+    "n_routed_experts": 128,
+    "num_experts_per_tok": 6,
+    "n_shared_experts": 2,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "noaux_tc",
+    "vocab_size": 152064,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1e7,
+    "rope_scaling": None,
+    "max_position_embeddings": 32768,
+    "sliding_window": None,
+    "use_sliding_window": False,
 }
 JOYAI_FLASH = {
-    "model_type": "joyai_llm_flash", "hidden_size": 2048, "num_hidden_layers": 40,
-    "num_attention_heads": 32, "q_lora_rank": 1536, "kv_lora_rank": 512,
-    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "intermediate_size": 7168, "moe_intermediate_size": 768, "n_routed_experts": 256,
-    "num_experts_per_tok": 8, "n_shared_experts": 1, "first_k_dense_replace": 1,
-    "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid",
-    "topk_method": "noaux_tc", "vocab_size": 129280, "rms_norm_eps": 1e-6, "rope_theta": 3.2e7,
-    "max_position_embeddings": 131072, "num_nextn_predict_layers": 1,
+    "model_type": "joyai_llm_flash",
+    "hidden_size": 2048,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 32,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "intermediate_size": 7168,
+    "moe_intermediate_size": 768,
+    "n_routed_experts": 256,
+    "num_experts_per_tok": 8,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "vocab_size": 129280,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 3.2e7,
+    "max_position_embeddings": 131072,
+    "num_nextn_predict_layers": 1,
 }
 
 
 def test_hunyuan_a13b_facts():
     c = moe_config_from_hf(HUNYUAN_A13B)
     assert (c.family, c.scoring, c.qk_norm, c.num_experts_per_tok) == (
-        "hunyuan_v1_moe", "softmax", "after_rope", 8)
+        "hunyuan_v1_moe",
+        "softmax",
+        "after_rope",
+        8,
+    )
     inv_freq, _ = inv_frequencies(c.rope)
     base = inv_freq[1].item() ** (-c.head_dim / 2)  # inv_freq[i] = base^(-2i/d)
     assert base == pytest.approx(1.1159e7, rel=1e-3)  # 10000 * 1000^(128/126)
@@ -68,7 +129,10 @@ def test_dots1_and_joyai_facts():
     assert (dots.scoring, dots.has_correction_bias) == ("sigmoid", True)
     assert dots.qk_norm == "before_rope"
     assert (dots.first_k_dense, dots.shared_intermediate_size, dots.routed_scaling_factor) == (
-        1, 2816, 2.5)
+        1,
+        2816,
+        2.5,
+    )
     assert dots.kv_values_per_token() * 2 / 2**20 == pytest.approx(0.97, abs=0.01)
     assert dots.num_parameters() / 1e9 == pytest.approx(142.8, abs=0.1)
     joy = moe_config_from_hf(JOYAI_FLASH)
@@ -78,23 +142,26 @@ def test_dots1_and_joyai_facts():
     assert joy.num_parameters() / 1e9 == pytest.approx(48.9, abs=0.1)
 
 
-@pytest.mark.parametrize("base, change, message", [
-    (HUNYUAN_A13B, {"model_type": "mixtral"}, "unknown MoE model_type"),
-    (HUNYUAN_A13B, {"use_cla": True}, "use_cla"),
-    (HUNYUAN_A13B, {"moe_topk": [8] * 31 + [4]}, "moe_topk varies by layer"),
-    (HUNYUAN_A13B, {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "without alpha"),
-    (HUNYUAN_A13B, {"norm_topk_prob": False}, "norm_topk_prob"),
-    (HUNYUAN_A13B, {"num_experts": None}, "missing required field 'num_experts'"),
-    (HUNYUAN_A13B, {"moe_topk": [65] * 32}, "num_experts_per_tok 65 exceeds"),
-    (DOTS_LLM1, {"hidden_act": "gelu"}, "hidden_act"),
-    (DOTS_LLM1, {"scoring_func": "softmax"}, "scoring_func"),
-    (DOTS_LLM1, {"layer_types": ["full_attention"] * 61 + ["sliding_attention"]}, "sliding"),
-    (DOTS_LLM1, {"n_group": 3}, "do not split into n_group 3"),
-    (DOTS_LLM1, {"moe_layer_freq": 2}, "moe_layer_freq"),
-    (JOYAI_FLASH, {"kv_lora_rank": None}, "missing required field 'kv_lora_rank'"),
-    (JOYAI_FLASH, {"rope_scaling": {"type": "longrope"}}, "unsupported rope type"),
-    (JOYAI_FLASH, {"n_routed_experts": "many"}, "malformed field"),
-])
+@pytest.mark.parametrize(
+    "base, change, message",
+    [
+        (HUNYUAN_A13B, {"model_type": "mixtral"}, "unknown MoE model_type"),
+        (HUNYUAN_A13B, {"use_cla": True}, "use_cla"),
+        (HUNYUAN_A13B, {"moe_topk": [8] * 31 + [4]}, "moe_topk varies by layer"),
+        (HUNYUAN_A13B, {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "without alpha"),
+        (HUNYUAN_A13B, {"norm_topk_prob": False}, "norm_topk_prob"),
+        (HUNYUAN_A13B, {"num_experts": None}, "missing required field 'num_experts'"),
+        (HUNYUAN_A13B, {"moe_topk": [65] * 32}, "num_experts_per_tok 65 exceeds"),
+        (DOTS_LLM1, {"hidden_act": "gelu"}, "hidden_act"),
+        (DOTS_LLM1, {"scoring_func": "softmax"}, "scoring_func"),
+        (DOTS_LLM1, {"layer_types": ["full_attention"] * 61 + ["sliding_attention"]}, "sliding"),
+        (DOTS_LLM1, {"n_group": 3}, "do not split into n_group 3"),
+        (DOTS_LLM1, {"moe_layer_freq": 2}, "moe_layer_freq"),
+        (JOYAI_FLASH, {"kv_lora_rank": None}, "missing required field 'kv_lora_rank'"),
+        (JOYAI_FLASH, {"rope_scaling": {"type": "longrope"}}, "unsupported rope type"),
+        (JOYAI_FLASH, {"n_routed_experts": "many"}, "malformed field"),
+    ],
+)
 def test_unsupported_or_inconsistent_configs_are_refused(base, change, message):
     with pytest.raises(ModelLoadError, match=message):
         moe_config_from_hf({**base, **change})
@@ -118,8 +185,11 @@ def test_checkpoint_mismatches_are_named(tiny_moe, tmp_path):
     path, _, _ = _copy(tiny_moe, "dots1", tmp_path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 16}))
-    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.experts\.0\.gate_proj"
-                       r"\.weight' has shape \(32, 64\), expected \(16, 64\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model\.layers\.1\.mlp\.experts\.0\.gate_proj"
+        r"\.weight' has shape \(32, 64\), expected \(16, 64\)",
+    ):
         load_model(str(path))
     (path / "config.json").write_text(json.dumps(config))
     _rewrite(path, lambda t: t.pop("model.layers.2.mlp.experts.5.up_proj.weight"))
@@ -163,8 +233,9 @@ def test_hunyuan_fused_qkv_and_up_gate_layouts(tiny_moe, tmp_path):
                 t[f"{m}.gate_and_up_proj.weight"] = torch.cat([up, gate])
 
     _rewrite(path, fuse)
-    torch.testing.assert_close(ours(load_model(str(path)), IDS, split=5),
-                               hf_logits(ref, IDS)[4:], **TOL)
+    torch.testing.assert_close(
+        ours(load_model(str(path)), IDS, split=5), hf_logits(ref, IDS)[4:], **TOL
+    )
 
 
 def test_single_exit_and_tokens_only_handoff(tiny_moe):

@@ -54,8 +54,11 @@ def test_estimate_and_counts_match_the_loaded_model(tiny_moe, variant):
 def test_refuses_a_model_that_does_not_fit(tiny_moe, monkeypatch):
     path, _, _ = tiny_moe("dots1")
     monkeypatch.setenv("RUYIFLOW_MEMORY_AVAILABLE", "1M")
-    with pytest.raises(ModelLoadError, match=r"needs [0-9.]+ GiB \(weights .* KV cache .* for "
-                       r"2 x 64 tokens.*only 0\.00 GiB is available \(RUYIFLOW_MEMORY_AVAILABLE"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"needs [0-9.]+ GiB \(weights .* KV cache .* for "
+        r"2 x 64 tokens.*only 0\.00 GiB is available \(RUYIFLOW_MEMORY_AVAILABLE",
+    ):
         load_model(str(path), max_context=64, max_batch=2)
     monkeypatch.setenv("RUYIFLOW_MEMORY_AVAILABLE", "1G")
     assert load_model(str(path), max_context=64, max_batch=2).config.family == "dots1"

@@ -57,14 +57,22 @@ def test_packed_batch_equals_each_alone(tiny_moe, variant):
     caches = [model.new_cache() for _ in PROMPTS]
     model.forward([Work(caches[0], PROMPTS[0], 0, last), Work(caches[1], PROMPTS[1], 0, last)])
     # decode rows of 0 and 1 beside whole prefills of 2 and 3
-    model.forward([Work(caches[0], [20], len(PROMPTS[0]), last),
-                   Work(caches[2], PROMPTS[2], 0, last),
-                   Work(caches[1], [20], len(PROMPTS[1]), last),
-                   Work(caches[3], PROMPTS[3], 0, last)])
-    early, late = list(zip(caches[:2], PROMPTS[:2], strict=True)), list(
-        zip(caches[2:], PROMPTS[2:], strict=True))
-    model.forward([Work(c, [20], len(p), last) for c, p in late]
-                  + [Work(c, [21], len(p) + 1, last) for c, p in early])
+    model.forward(
+        [
+            Work(caches[0], [20], len(PROMPTS[0]), last),
+            Work(caches[2], PROMPTS[2], 0, last),
+            Work(caches[1], [20], len(PROMPTS[1]), last),
+            Work(caches[3], PROMPTS[3], 0, last),
+        ]
+    )
+    early, late = (
+        list(zip(caches[:2], PROMPTS[:2], strict=True)),
+        list(zip(caches[2:], PROMPTS[2:], strict=True)),
+    )
+    model.forward(
+        [Work(c, [20], len(p), last) for c, p in late]
+        + [Work(c, [21], len(p) + 1, last) for c, p in early]
+    )
     last_logits = model.forward([Work(c, [21], len(p) + 1, last) for c, p in late])
     got = [None, None, *last_logits]
     for k in (2, 3):

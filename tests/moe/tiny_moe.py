@@ -16,8 +16,15 @@ from tests.tiny import VOCAB, tiny_tokenizer
 FAMILIES = ("hunyuan_v1_moe", "dots1", "deepseek_v3")
 # initializer_range 0.1 (not 0.02): activations large enough that every semantic tested here
 # (QK-norm order, routed scaling, correction bias, rope base) moves logits far beyond tolerance
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, max_position_embeddings=512,
-              tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.1)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+    rms_norm_eps=1e-6,
+    initializer_range=0.1,
+)
 
 
 def hf_config(family: str, **extra):
@@ -26,25 +33,63 @@ def hf_config(family: str, **extra):
 
     if family == "hunyuan_v1_moe":
         # NTK-alpha rope as Hunyuan-A13B ships it ("dynamic" + alpha), GQA, tied head
-        kwargs = dict(COMMON, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
-                      intermediate_size=48, num_experts=8, moe_topk=2, tie_word_embeddings=True,
-                      rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
-                                       "rope_theta": 10000.0})
+        kwargs = dict(
+            COMMON,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=48,
+            num_experts=8,
+            moe_topk=2,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "dynamic",
+                "alpha": 1000.0,
+                "factor": 1.0,
+                "rope_theta": 10000.0,
+            },
+        )
         cls = HunYuanMoEV1Config
     elif family == "dots1":
-        kwargs = dict(COMMON, num_hidden_layers=3, num_key_value_heads=4, head_dim=16,
-                      intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
-                      num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1,
-                      norm_topk_prob=True, routed_scaling_factor=2.5, sliding_window=None,
-                      rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        kwargs = dict(
+            COMMON,
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            head_dim=16,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            sliding_window=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        )
         cls = Dots1Config
     elif family == "deepseek_v3":
-        kwargs = dict(COMMON, num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96,
-                      moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-                      n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
-                      q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                      v_head_dim=12, routed_scaling_factor=2.5, norm_topk_prob=True,
-                      num_nextn_predict_layers=0)
+        kwargs = dict(
+            COMMON,
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            q_lora_rank=24,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            num_nextn_predict_layers=0,
+        )
         cls = DeepseekV3Config
     else:
         raise ValueError(family)
