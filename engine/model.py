@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from engine.config import ModelConfig
 from engine.kv_cache import SequenceCache
 from engine.layers import Geometry, LayerWeights, Segment, decoder_layer
-from engine.rope import RopeTable
+from engine.rope import RopeTable, inv_frequencies
 from kernels import rms_norm
 from kernels.cpu_gemv import cpu_linear as linear
 
@@ -56,7 +56,7 @@ class FamilyModel:
         self.geo = Geometry(
             config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
         )
-        self.rope = RopeTable(config.rope, config.head_dim, dtype)
+        self.rope = RopeTable(inv_frequencies(config.rope, config.head_dim), dtype)
 
     def new_cache(self) -> SequenceCache:
         c = self.config

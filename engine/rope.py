@@ -33,8 +33,15 @@ def inv_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 class RopeTable:
     """cos/sin [max_len, head_dim] in the activation dtype; rows are gathered by position."""
 
-    def __init__(self, rope: RopeConfig, head_dim: int, dtype: torch.dtype, size: int = 4096):
-        self.inv_freq = inv_frequencies(rope, head_dim)  # [D/2] float32
+    def __init__(
+        self,
+        inv_freq: torch.Tensor,
+        dtype: torch.dtype,
+        attention_factor: float = 1.0,
+        size: int = 4096,
+    ):
+        self.inv_freq = inv_freq  # [D/2] float32
+        self.attention_factor = attention_factor  # YaRN scales cos/sin; 1.0 elsewhere (exact)
         self.dtype = dtype
         self._build(size)
 
@@ -42,8 +49,8 @@ class RopeTable:
         positions = torch.arange(size, dtype=torch.float32)
         freqs = torch.outer(positions, self.inv_freq)  # [size, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [size, D] (rotate_half layout)
-        self.cos = emb.cos().to(self.dtype)
-        sin = emb.sin()
+        self.cos = (emb.cos() * self.attention_factor).to(self.dtype)
+        sin = emb.sin() * self.attention_factor
         half = sin.shape[-1] // 2
         # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]: one op fewer per call, and
         # bitwise the same (negating a factor is exact).

@@ -24,7 +24,7 @@ from engine.moe.config import MoEConfig
 from engine.moe.mla import MLAWeights, mla_attention
 from engine.moe.moe_block import DenseFFN, MoEFFN
 from engine.moe.ops import linear, rms
-from engine.moe.rope import MoERopeTable, softmax_scale
+from engine.moe.rope import rope_table, softmax_scale
 
 
 @dataclass
@@ -61,7 +61,7 @@ class MoEModel:
         self.layers = layers
         self.norm = norm  # [hidden]
         self.head = head  # [vocab, hidden]; the embedding itself when tied
-        self.rope = MoERopeTable(config.rope, dtype)
+        self.rope = rope_table(config.rope, dtype)
         c = config
         if c.mla is not None:
             self.scale = softmax_scale(c.rope, c.mla.qk_head_dim)

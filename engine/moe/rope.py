@@ -14,6 +14,7 @@ import math
 import torch
 
 from engine.moe.config import MoERope
+from engine.rope import RopeTable
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -77,25 +78,7 @@ def deinterleave_rows(weight: torch.Tensor, groups: int, rope_dim: int) -> torch
     return torch.cat([rows[:, : rows.shape[1] - rope_dim], rope_rows], dim=1).reshape(weight.shape)
 
 
-class MoERopeTable:
-    """cos/sin [max_len, dim] in the activation dtype (sin sign-folded for `apply_rope`)."""
-
-    def __init__(self, rope: MoERope, dtype: torch.dtype, size: int = 4096):
-        self.inv_freq, self.attention_factor = inv_frequencies(rope)
-        self.dtype = dtype
-        self._build(size)
-
-    def _build(self, size: int) -> None:
-        freqs = torch.outer(torch.arange(size, dtype=torch.float32), self.inv_freq)  # [size, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [size, D]
-        cos, sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
-        half = sin.shape[-1] // 2
-        self.cos = cos.to(self.dtype)
-        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)
-
-    def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N] int64 -> (cos, sin) each [N, D]."""
-        need = int(positions.max()) + 1
-        if need > self.cos.shape[0]:
-            self._build(max(need, 2 * self.cos.shape[0]))
-        return self.cos[positions], self.sin[positions]
+def rope_table(rope: MoERope, dtype: torch.dtype) -> RopeTable:
+    """cos/sin table for an MoE family's RoPE (NTK-alpha / YaRN frequencies and factor)."""
+    inv_freq, attention_factor = inv_frequencies(rope)
+    return RopeTable(inv_freq, dtype, attention_factor)
