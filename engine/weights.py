@@ -19,36 +19,51 @@ from engine.model import Branch, FamilyModel
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class _Keys:
-    """Tracks which keys were consumed, converting dtype on the way."""
+class KeyReader:
+    """Takes tensors by key with a shape check, converting dtype on the way; tracks what was
+    used so leftovers can be refused."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype):
         self.tensors = tensors
         self.dtype = dtype
         self.used: set[str] = set()
 
-    def take(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def take(
+        self, key: str, shape: tuple[int, ...], dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         if key not in self.tensors:
             raise ModelLoadError(f"checkpoint is missing tensor {key!r}")
-        t = self.tensors[key]
-        if tuple(t.shape) != shape:
-            raise ModelLoadError(f"tensor {key!r} has shape {tuple(t.shape)}, expected {shape}")
+        found = self.shape_of(key)
+        if found != shape:
+            raise ModelLoadError(f"tensor {key!r} has shape {found}, expected {shape}")
         self.used.add(key)
-        return t.to(self.dtype).contiguous()
+        return self.tensors[key].to(dtype or self.dtype).contiguous()
 
     def has(self, key: str) -> bool:
         return key in self.tensors
 
+    def is_ignored(self, key: str) -> bool:
+        return key.endswith(IGNORED_SUFFIXES)
+
     def check_all_used(self) -> None:
-        extra = sorted(
-            k for k in self.tensors if k not in self.used and not k.endswith(IGNORED_SUFFIXES)
-        )
+        extra = sorted(k for k in self.tensors if k not in self.used and not self.is_ignored(k))
         if extra:
             more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
             raise ModelLoadError(f"unexpected tensors in checkpoint: {extra[:5]}{more}")
 
+    def take_head(self, tied_to: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+        """`lm_head.weight`, or the embedding when tied (a stored copy is consumed, unused)."""
+        if tied_to is None:
+            return self.take("lm_head.weight", shape)
+        if self.has("lm_head.weight"):  # some tied checkpoints store the copy anyway
+            self.take("lm_head.weight", shape)
+        return tied_to
 
-def _layer(keys: _Keys, prefix: str, c: ModelConfig) -> LayerWeights:
+
+def _layer(keys: KeyReader, prefix: str, c: ModelConfig) -> LayerWeights:
     hid, inter, d = c.hidden_size, c.intermediate_size, c.head_dim
     q_rows, kv_rows = c.num_heads * d, c.num_kv_heads * d
     att = f"{prefix}.self_attn"
@@ -96,7 +111,7 @@ def build_model(
 ) -> FamilyModel:
     """Checkpoint tensors -> FamilyModel in `dtype` (float32 / bfloat16 / float16)."""
     c = config
-    keys = _Keys(tensors, dtype)
+    keys = KeyReader(tensors, dtype)
     vocab_shape = (c.vocab_size, c.hidden_size)
     embed = keys.take("model.embed_tokens.weight", vocab_shape)
     layers = [_layer(keys, f"model.layers.{i}", c) for i in range(c.num_layers)]
@@ -120,12 +135,7 @@ def build_model(
         # Plain model served as a family: branch layer = layers[e] (same tensors, no copy),
         # final norm and the one head for every exit.
         norm = keys.take("model.norm.weight", (c.hidden_size,))
-        if c.tie_word_embeddings:
-            head = embed
-            if keys.has("lm_head.weight"):  # some tied checkpoints store the copy anyway
-                keys.take("lm_head.weight", vocab_shape)
-        else:
-            head = keys.take("lm_head.weight", vocab_shape)
+        head = keys.take_head(embed if c.tie_word_embeddings else None, vocab_shape)
         for e in c.exits:
             branches[e] = Branch(layers[e], norm, head)
     keys.check_all_used()

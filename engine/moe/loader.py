@@ -27,6 +27,7 @@ from engine.moe.hf_config import moe_config_from_hf
 from engine.moe.memory import check_memory, estimate_memory
 from engine.moe.model import MoEModel
 from engine.moe.weights import build_layer
+from engine.weights import KeyReader
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
@@ -65,47 +66,24 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return len(self._where)
 
 
-class KeyReader:
-    """Takes tensors by key with a shape check, converting dtype; tracks what was used."""
+class MoEKeyReader(KeyReader):
+    """KeyReader over lazily read shards; DeepSeek's next-token-prediction layers are skipped."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, config: MoEConfig):
-        self.tensors = tensors
-        self.dtype = dtype
+        super().__init__(tensors, dtype)
         self.config = config
-        self.used: set[str] = set()
 
-    def has(self, key: str) -> bool:
-        return key in self.tensors
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        if isinstance(self.tensors, LazyTensors):
+            return self.tensors.shape(key)
+        return super().shape_of(key)
 
-    def take(
-        self, key: str, shape: tuple[int, ...], dtype: torch.dtype | None = None
-    ) -> torch.Tensor:
-        if key not in self.tensors:
-            raise ModelLoadError(f"checkpoint is missing tensor {key!r} ({self.config.family})")
-        found = (
-            self.tensors.shape(key)
-            if isinstance(self.tensors, LazyTensors)
-            else tuple(self.tensors[key].shape)
-        )
-        if found != shape:
-            raise ModelLoadError(
-                f"tensor {key!r} has shape {found}, expected {shape} from config.json"
-            )
-        self.used.add(key)
-        return self.tensors[key].to(dtype or self.dtype).contiguous()
-
-    def _ignored(self, key: str) -> bool:
+    def is_ignored(self, key: str) -> bool:
         if key.endswith(IGNORED_SUFFIXES):
             return True
         match = _LAYER.match(key)  # DeepSeek next-token-prediction layers follow the last layer
         c = self.config
         return bool(match) and c.num_layers <= int(match[1]) < c.num_layers + c.num_mtp_layers
-
-    def check_all_used(self) -> None:
-        extra = sorted(k for k in self.tensors if k not in self.used and not self._ignored(k))
-        if extra:
-            more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
-            raise ModelLoadError(f"unexpected tensors in checkpoint: {extra[:5]}{more}")
 
 
 def build_moe_model(
@@ -113,17 +91,12 @@ def build_moe_model(
 ) -> MoEModel:
     """Checkpoint tensors (released key names) -> MoEModel in `dtype`."""
     c = config
-    keys = KeyReader(tensors, dtype, c)
+    keys = MoEKeyReader(tensors, dtype, c)
     vocab_shape = (c.vocab_size, c.hidden_size)
     embed = keys.take("model.embed_tokens.weight", vocab_shape)
     layers = [build_layer(keys, i) for i in range(c.num_layers)]
     norm = keys.take("model.norm.weight", (c.hidden_size,))
-    if c.tie_word_embeddings:
-        head = embed
-        if keys.has("lm_head.weight"):  # some tied checkpoints store the copy anyway
-            keys.take("lm_head.weight", vocab_shape)
-    else:
-        head = keys.take("lm_head.weight", vocab_shape)
+    head = keys.take_head(embed if c.tie_word_embeddings else None, vocab_shape)
     keys.check_all_used()
     return MoEModel(c, embed, layers, norm, head, dtype)
 

@@ -26,7 +26,7 @@ from engine.moe.moe_block import DenseFFN, MoEFFN, Routing
 from engine.moe.rope import deinterleave_rows
 
 if TYPE_CHECKING:
-    from engine.moe.loader import KeyReader
+    from engine.weights import KeyReader
 
 
 def _gate_up(keys: KeyReader, prefix: str, inter: int, hidden: int) -> torch.Tensor:
