@@ -90,3 +90,16 @@ def test_low_precision_close_to_float32(tmp_path, dtype):
     got = ours(load_model(str(tmp_path), dtype), ids, 3)
     assert load_model(str(tmp_path), dtype).model.embed.dtype == getattr(torch, dtype)
     torch.testing.assert_close(got, ref, atol=0.1, rtol=0.05)
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    model = tiny.save_plain(single, "qwen2")
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    tiny.tiny_tokenizer(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    a, b = load_model(str(single)), load_model(str(sharded))
+    assert a.fingerprint == b.fingerprint
+    ids = [5, 17, 200, 3, 99]
+    torch.testing.assert_close(ours(a, ids, 3), ours(b, ids, 3), rtol=0, atol=0)
