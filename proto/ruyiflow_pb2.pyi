@@ -137,7 +137,7 @@ class EscalationSettings(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., window: _Optional[int] = ..., threshold: _Optional[float] = ..., force_after_tokens: _Optional[int] = ..., force_to_exit: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "conversation", "text", "token_ids", "sampling", "enable_thinking", "overrides", "escalation", "prefix_token_ids")
+    __slots__ = ("request_id", "conversation", "text", "token_ids", "sampling", "enable_thinking", "overrides", "escalation", "prefix_token_ids", "prefix_text")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class GenerateRequest(_message.Message):
     OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     ESCALATION_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     conversation: Conversation
     text: str
@@ -156,7 +157,8 @@ class GenerateRequest(_message.Message):
     overrides: Overrides
     escalation: EscalationSettings
     prefix_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., enable_thinking: _Optional[bool] = ..., overrides: _Optional[_Union[Overrides, _Mapping]] = ..., escalation: _Optional[_Union[EscalationSettings, _Mapping]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    prefix_text: str
+    def __init__(self, request_id: _Optional[str] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., enable_thinking: _Optional[bool] = ..., overrides: _Optional[_Union[Overrides, _Mapping]] = ..., escalation: _Optional[_Union[EscalationSettings, _Mapping]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., prefix_text: _Optional[str] = ...) -> None: ...
 
 class TokenConfidence(_message.Message):
     __slots__ = ("max_prob", "margin", "entropy")

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import grpc
 
 from proto import ruyiflow_pb2 as pb
-from router.policy import HandoffDecision, RoutePlan, choose_handoff_mode, pick_node
+from router.policy import (
+    HandoffDecision,
+    RoutePlan,
+    choose_handoff_mode,
+    pick_node,
+    plan_escalation_across,
+)
 from router.policy import plan_escalation as plan_deeper
 from router.registry import NodeRegistry
 from router.requests import MODE_ENUMS
@@ -42,6 +48,7 @@ class Move:
     to_exit: int
     mode: str  # hidden | tokens
     decision: HandoffDecision | None  # None when the cost model could not run (shape unknown)
+    model: str | None = None  # set when the move crosses to another model (text only)
 
     def push_timeout_s(self) -> float:
         estimate = self.decision.tokens if self.decision is not None else None
@@ -103,7 +110,8 @@ class HandoffPlanner:
     def destination(self, source: str, from_exit: int, needed: pb.HandoffNeeded) -> RoutePlan:
         """Exit and candidate nodes: a deeper exit of the same model (the node's suggestion if
         served); for a draining source, the suggested exit elsewhere; with nothing deeper, the
-        same exit (the request continues where it can)."""
+        hardest threshold's model if that is another one, else the same exit (the request
+        continues where it can)."""
         model = self.registry.spec(source).model
         served = self.topology.exit_tiers(model)
         if needed.reason == pb.HANDOFF_REASON_DRAIN:
@@ -111,6 +119,8 @@ class HandoffPlanner:
             names = tuple(n.name for n in self.topology.nodes_serving(model, exit_))
             return RoutePlan(model, served[exit_][0], exit_, tuple(n for n in names if n != source))
         plan = plan_deeper(self.topology, model, from_exit, needed.suggested_to_exit)
+        if plan is None:
+            plan = plan_escalation_across(self.topology, model)
         if plan is not None:
             return plan
         names = tuple(n.name for n in self.topology.nodes_serving(model, from_exit))
@@ -122,6 +132,10 @@ class HandoffPlanner:
         target = self.destination(source, from_exit, needed)
         to_node = pick_node(self.registry.loads(target.candidates), self.rng).name
         to_tier = self.registry.spec(to_node).tier
+        if target.model != self.registry.spec(source).model:
+            # Another tokenizer: neither hidden states nor token ids mean anything there; the
+            # destination re-encodes the relayed text (the session sends it as prefix_text).
+            return Move(to_node, to_tier, target.exit, "tokens", None, model=target.model)
         source_info, dest_info = self.registry.info(source), self.registry.info(to_node)
         fingerprint = needed.model_fingerprint or getattr(source_info, "model_fingerprint", "")
         dest_fingerprint = getattr(dest_info, "model_fingerprint", "")

@@ -50,14 +50,19 @@ class RoutePlan:
     candidates: tuple[str, ...]  # node names, topology order
 
 
-def threshold_exit(score: float, thresholds: Sequence[Threshold]) -> int:
-    """The exit of the first threshold with `score < below` (the last one catches the rest)."""
+def threshold_for(score: float, thresholds: Sequence[Threshold]) -> Threshold:
+    """The first threshold with `score < below` (the last one catches the rest)."""
     if not 0.0 <= score <= 1.0:
         raise ValueError(f"difficulty score {score} is outside [0, 1]")
     for threshold in thresholds:
         if score < threshold.below:
-            return threshold.exit
-    return thresholds[-1].exit
+            return threshold
+    return thresholds[-1]
+
+
+def threshold_exit(score: float, thresholds: Sequence[Threshold]) -> int:
+    """The exit of the threshold `score` falls in."""
+    return threshold_for(score, thresholds).exit
 
 
 def choose_exit(
@@ -86,9 +91,15 @@ def choose_exit(
     return overrides.tier or served[exit_][0], exit_
 
 
-def plan_route(topology: Topology, score: float, overrides: Overrides = NO_OVERRIDES) -> RoutePlan:
+def plan_route(
+    topology: Topology,
+    score: float,
+    overrides: Overrides = NO_OVERRIDES,
+    across_models: bool = True,
+) -> RoutePlan:
     """Apply thresholds and overrides to the topology; raises InvalidRequest on unknown
-    exit/tier/node or an impossible combination."""
+    exit/tier/node or an impossible combination. `across_models=False` (a prompt of token ids)
+    keeps the request on the routed model even where a threshold names another."""
     thresholds = topology.router.thresholds
     if overrides.node is not None:
         try:
@@ -106,6 +117,13 @@ def plan_route(topology: Topology, score: float, overrides: Overrides = NO_OVERR
         tier, exit_ = choose_exit(score, thresholds, overrides, served)
         return RoutePlan(node.model, tier, exit_, (node.name,))
     model = topology.routed_model
+    if overrides.exit is None and across_models:
+        # A threshold may name another model (the hardest scores -> an MoE cloud node); a tier
+        # override that model has no node on keeps the request on the routed model.
+        wanted = topology.threshold_model(threshold_for(score, thresholds))
+        tiers = {t for ts in topology.exit_tiers(wanted).values() for t in ts}
+        if overrides.tier is None or overrides.tier in tiers:
+            model = wanted
     tier, exit_ = choose_exit(score, thresholds, overrides, topology.exit_tiers(model))
     names = tuple(n.name for n in topology.nodes_serving(model, exit_, tier))
     return RoutePlan(model, tier, exit_, names)
@@ -132,6 +150,18 @@ def plan_escalation(
         return None
     names = tuple(n.name for n in topology.nodes_serving(model, exit_))
     return RoutePlan(model, tiers[exit_][0], exit_, names)
+
+
+def plan_escalation_across(topology: Topology, model: str) -> RoutePlan | None:
+    """Where a request escalates when `model` serves nothing deeper: the model of the hardest
+    threshold, when that is another model (e.g. Ruyi -> MoE). Only text crosses models."""
+    hardest = topology.router.thresholds[-1]
+    other = topology.threshold_model(hardest)
+    if other == model:
+        return None
+    tiers = topology.exit_tiers(other)
+    names = tuple(n.name for n in topology.nodes_serving(other, hardest.exit))
+    return RoutePlan(other, tiers[hardest.exit][0], hardest.exit, names)
 
 
 @dataclass(frozen=True)

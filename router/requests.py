@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from engine.sampling_params import SamplingParams
 from proto import ruyiflow_pb2 as pb
 from router.errors import InvalidRequest
 from router.policy import Overrides
@@ -42,6 +43,7 @@ def validate_request(request: pb.GenerateRequest) -> None:
     """Refuse malformed client requests (prompt, size limits, sampling and escalation ranges)."""
     _require(len(request.request_id) <= MAX_REQUEST_ID_CHARS, "request_id is too long")
     _require(not request.prefix_token_ids, "prefix_token_ids is for routers, not clients")
+    _require(not request.prefix_text, "prefix_text is for routers, not clients")
     form = request.WhichOneof("prompt")
     _require(form is not None, "no prompt: set one of conversation, text, token_ids")
     if form == "token_ids":
@@ -151,10 +153,13 @@ def node_request(
     topology: Topology,
     exit_: int,
     prefix: list[int],
+    prefix_text: str | None = None,
 ) -> pb.GenerateRequest:
     """What a node gets: the client's request with the router's request id, the chosen exit,
-    escalation settings from topology.yaml wherever the client left a field unset, and the
-    failover prefix."""
+    escalation settings from topology.yaml wherever the client left a field unset, and what was
+    already relayed: `prefix` token ids (same tokenizer), or with `prefix_text` the text of the
+    `len(prefix)` relayed tokens for a node whose model tokenizes differently; its max_tokens
+    then counts only what is left."""
     out = pb.GenerateRequest()
     out.CopyFrom(request)
     out.request_id = request_id
@@ -170,5 +175,11 @@ def node_request(
     if not out.escalation.HasField("threshold"):
         out.escalation.threshold = spec.threshold
     del out.prefix_token_ids[:]
-    out.prefix_token_ids.extend(prefix)
+    if prefix_text is None:
+        out.prefix_token_ids.extend(prefix)
+        out.ClearField("prefix_text")
+        return out
+    asked = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
+    out.sampling.max_tokens = max(1, (asked or SamplingParams().max_tokens) - len(prefix))
+    out.prefix_text = prefix_text
     return out

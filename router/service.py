@@ -153,7 +153,9 @@ class RouterServicer(pb_grpc.RouterServicer):
         if trace is not None:
             trace.difficulty = score
             trace.is_scored = True
-        return overrides, plan_route(self.topology, score, overrides)
+        # Token ids mean something only to the routed model's tokenizer: stay on that model.
+        text = request.WhichOneof("prompt") != "token_ids"
+        return overrides, plan_route(self.topology, score, overrides, across_models=text)
 
     def _observe(self, plan: RoutePlan | None, trace: TraceBuilder, outcome: str) -> None:
         first = trace.first_served() or (None if plan is None else (plan.tier, plan.exit))

@@ -2,7 +2,8 @@
 client; on a HANDOFF chunk move the request deeper; when a node breaks, resume elsewhere from the
 tokens already relayed. The client's stream never misses or repeats a token: the router rewrites
 `token_offset` from its own count of relayed tokens, and a resumed node gets exactly those
-tokens as `prefix_token_ids`.
+tokens as `prefix_token_ids` - or, on a node whose model tokenizes differently (a move across
+models, e.g. Ruyi -> MoE), the relayed text as `prefix_text`.
 
 The node-facing failure cases (what to retry, whom to blame) live in `router.failover`.
 """
@@ -76,6 +77,9 @@ class RequestSession:
         self.trace, self.context = trace, context
         self._on_placed, self._on_final = on_placed, on_final
         self.relayed: list[int] = []  # every token sent to the client, in order
+        self.relayed_text = ""  # their text, as the client saw it
+        self._ids_model: str | None = None  # the model whose tokenizer made `relayed`
+        self._text_only = False  # True once `relayed` mixes tokenizers (after a model change)
         self.is_cancelled = False
         self._work = estimate_tokens(request)
         self._exclude: set[str] = set()
@@ -111,10 +115,15 @@ class RequestSession:
             raise NodeUnavailable(
                 f"no healthy node serves exit {plan.exit} on tier {plan.tier} (nodes: {names})"
             ) from None
+        self._ids_model = plan.model
         return self._generate(node, plan.exit)
 
     def _generate(self, node: str, exit_: int, pending: PendingMove | None = None) -> Placement:
-        request = node_request(self.request, self.request_id, self.topology, exit_, self.relayed)
+        text_only = self._text_only or self.registry.spec(node).model != self._ids_model
+        prefix_text = self.relayed_text if text_only else None
+        request = node_request(
+            self.request, self.request_id, self.topology, exit_, self.relayed, prefix_text
+        )
         if not self._can_escalate:
             request.escalation.enabled = False
         return self._start(node, exit_, self.registry.stub(node).Generate(request), pending)
@@ -181,6 +190,7 @@ class RequestSession:
             self._last_token_at = now
             self.relayed.extend(chunk.token_ids)
             placement.num_tokens += num_tokens
+        self.relayed_text += chunk.text
         self.trace.add_tokens(num_tokens, now)
         if out.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             out.trace.CopyFrom(self.trace.build(now))
@@ -219,6 +229,8 @@ class RequestSession:
         started = time.monotonic()
         try:
             move = self.planner.plan(placement.node, from_exit, needed, self.requested_mode)
+            if move.model is not None and self.request.WhichOneof("prompt") == "token_ids":
+                raise NodeUnavailable(f"a token-id prompt cannot move to model {move.model!r}")
         except NodeUnavailable as exc:
             # Nothing healthy serves a deeper exit: carry on in tokens mode where possible,
             # without escalating again (the source would only ask once more).
@@ -226,8 +238,17 @@ class RequestSession:
             self._can_escalate = False
             broken = StreamBroken(placement.node, str(exc), None, reason=reason)
             return self._resume_from_tokens(placement, broken)
-        if move.to_exit > from_exit:
+        if move.to_exit > from_exit or move.model is not None:
             self.metrics.observe_escalation(placement.tier, move.to_tier, reason_label(reason))
+        if move.model is not None:  # another model: it re-encodes the relayed text
+            self._text_only = True
+            num_bytes = len(self.relayed_text.encode())
+            pending = PendingMove(
+                placement.node, placement.tier, from_exit, "tokens", reason, started, num_bytes
+            )
+            placement = self._generate(move.to_node, move.to_exit, pending)
+            placement.move_reason = reason
+            return placement
         transfer = self.planner.transfer(placement.node, needed.state_handle, move, self.request_id)
         pending = PendingMove(
             placement.node,

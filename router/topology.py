@@ -138,14 +138,17 @@ class ScorerSpec:
 
 @dataclass(frozen=True)
 class Threshold:
-    """Scores `< below` (and >= the previous entry's `below`) go to `exit`; omit `below` on the
-    last entry to catch the rest."""
+    """Scores `< below` (and >= the previous entry's `below`) go to `exit` of `model` (default:
+    the router's model); omit `below` on the last entry to catch the rest. Naming another model
+    (e.g. an MoE) sends that band of scores there; requests reach it in `tokens` mode only."""
 
     exit: int
     below: float = math.inf
+    model: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.exit >= 1, "exit", "must be a layer index >= 1")
+        _check(self.model is None or bool(self.model), "model", "must not be empty")
         _check(0.0 < self.below <= 1.0 or self.below == math.inf, "below", "must be in (0, 1]")
 
 
@@ -219,9 +222,9 @@ class RouterSpec:
                 previous = self.thresholds[i - 1]
                 _check(threshold.below > previous.below, f"{path}.below", "must increase")
                 _check(
-                    threshold.exit >= previous.exit,
+                    threshold.model != previous.model or threshold.exit >= previous.exit,
                     f"{path}.exit",
-                    "harder scores must not map to shallower exits",
+                    "harder scores must not map to shallower exits of the same model",
                 )
         _check(self.grace_period_s >= 0, "grace_period_s", "must be >= 0")
 
@@ -289,12 +292,14 @@ class Topology:
             _check(len(models) == 1, "router.model", "required when there are several models")
         else:
             _check(model in models, "router.model", f"unknown model {model!r}")
-        served = self.exit_tiers(self.routed_model)
         for i, threshold in enumerate(self.router.thresholds):
+            path = f"router.thresholds[{i}]"
+            model = self.threshold_model(threshold)
+            _check(model in models, f"{path}.model", f"unknown model {model!r}")
             _check(
-                threshold.exit in served,
-                f"router.thresholds[{i}].exit",
-                f"no node serves exit {threshold.exit} of model {self.routed_model!r}",
+                threshold.exit in self.exit_tiers(model),
+                f"{path}.exit",
+                f"no node serves exit {threshold.exit} of model {model!r}",
             )
 
     @classmethod
@@ -308,6 +313,10 @@ class Topology:
     def routed_model(self) -> str:
         """The model the router's thresholds refer to."""
         return self.router.model or self.models[0].name
+
+    def threshold_model(self, threshold: Threshold) -> str:
+        """The model a threshold sends its scores to."""
+        return threshold.model or self.routed_model
 
     def model(self, name: str) -> ModelSpec:
         for model in self.models:

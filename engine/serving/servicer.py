@@ -8,6 +8,7 @@ naming the parked state the router will move.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -117,10 +118,18 @@ class NodeServicer(pb_grpc.NodeServicer):
             request.overrides.exit if request.overrides.HasField("exit") else self.id.exits[-1]
         )
         prefix = list(request.prefix_token_ids)
+        params = sampling_from_proto(request.sampling)
+        if request.prefix_text:
+            # Text another model generated (a move across tokenizers): encode it with ours; the
+            # router's max_tokens counts only what is left, so the prefix is added to it.
+            if prefix:
+                raise InvalidRequest("set prefix_token_ids or prefix_text, not both")
+            prefix = self.engine.tokenizer.encode(request.prefix_text)
+            params = dataclasses.replace(params, max_tokens=params.max_tokens + len(prefix))
         handle = self.worker.generate(
             request.request_id,
             prompt_ids,
-            sampling_from_proto(request.sampling),
+            params,
             exit_layer,
             escalation_from_proto(request.escalation),
             prefix,
