@@ -8,6 +8,7 @@ sequences join and leave between any two steps. Sequences at different exits sha
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Iterator
 
@@ -17,7 +18,7 @@ from engine.checkpoint import LoadedModel
 from engine.errors import HandoffError, InvalidRequest, Overloaded
 from engine.handoff import MODES, HandoffState, decode_state, encode_state
 from engine.model import Work
-from engine.sampling import SamplingParams, draw, process_row
+from engine.sampling import SamplingParams, draw, make_generator, process_row
 from engine.sequence import Confidence, Sequence, Status, TokenEvent
 from kernels import exit_confidence
 
@@ -111,6 +112,7 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.stop_ids
+        generator, seed = make_generator(params.seed)
         return Sequence(
             seq_id,
             tokens,
@@ -120,6 +122,8 @@ class Engine:
             self.model.new_cache(),
             self.tokenizer.stream(),
             stop_ids,
+            generator,
+            seed,
         )
 
     def _admit(self, seq: Sequence) -> None:
@@ -247,7 +251,7 @@ class Engine:
             params=seq.params,
             seed=seq.seed,
             num_emitted_chars=seq.num_emitted_chars,
-            rng=seq.rng_state(),
+            rng=seq.generator.get_state(),
             boundary=None,
             trunk_kv=[],
         )
@@ -286,7 +290,10 @@ class Engine:
         seq = self._new_sequence(
             seq_id, state.token_ids, state.num_prompt_tokens, target, state.params
         )
-        seq.generator.set_state(state.rng)
+        if state.rng is not None:
+            seq.generator.set_state(state.rng)
+        else:
+            seq.generator.manual_seed(state.seed)
         seq.seed = state.seed
         self._prime_text(seq, state.num_emitted_chars)
         if state.mode == "hidden":
@@ -310,6 +317,28 @@ class Engine:
         if seq is None:
             raise InvalidRequest(f"no running sequence {seq_id!r}")
         return seq
+
+    # -- facts for the serving layer -------------------------------------------------------------
+    @property
+    def state_dtype_bytes(self) -> int:
+        """Bytes per element of exported hidden states and KV."""
+        return self.model.embed.element_size()
+
+    def max_state_bytes(self, max_context: int) -> int:
+        """Largest valid handoff state: boundary + every trunk layer's KV for max_context."""
+        c = self.config
+        per_token = c.hidden_size + 2 * (c.num_layers - 1) * c.num_kv_heads * c.head_dim
+        return per_token * max_context * self.state_dtype_bytes + (1 << 20)
+
+    def measure_prefill(self, exit_layer: int, num_tokens: int = 128) -> float:
+        """Prefill tokens/s at `exit_layer` (also warms the allocator and kernels up)."""
+        ids = [(37 * i) % (self.config.vocab_size - 1) + 1 for i in range(num_tokens)]
+        best = float("inf")
+        for _ in range(3):  # the first run pays for allocation; keep the best of the rest
+            started = time.perf_counter()
+            self.model.forward([Work(self.model.new_cache(), ids, 0, exit_layer)])
+            best = min(best, time.perf_counter() - started)
+        return num_tokens / best
 
     # -- convenience ----------------------------------------------------------------------------
     def generate(

@@ -8,10 +8,10 @@ gives the same tokens whatever else shares the batch. Temperature 0 means greedy
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 import torch
 
+from engine.ngrams import NgramIndex
 from engine.sampling_params import SamplingParams  # noqa: F401 (re-exported: one import site)
 
 
@@ -22,31 +22,6 @@ def make_generator(seed: int | None) -> tuple[torch.Generator, int]:
     gen = torch.Generator()
     gen.manual_seed(seed)
     return gen, seed
-
-
-@dataclass
-class NgramIndex:
-    """Seen n-grams as prefix -> next tokens, updated per token (no rescans of the history)."""
-
-    size: int
-    seen: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
-
-    def add_all(self, tokens: list[int]) -> None:
-        for end in range(self.size, len(tokens) + 1):
-            self._add(tokens[end - self.size : end])
-
-    def add_last(self, tokens: list[int]) -> None:
-        if len(tokens) >= self.size:
-            self._add(tokens[-self.size :])
-
-    def _add(self, gram: list[int]) -> None:
-        self.seen.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
-
-    def banned(self, tokens: list[int]) -> set[int]:
-        if len(tokens) < self.size - 1:
-            return set()
-        prefix = tuple(tokens[len(tokens) - self.size + 1 :]) if self.size > 1 else ()
-        return self.seen.get(prefix, set())
 
 
 def process_row(

@@ -1,4 +1,5 @@
-"""A running request: its tokens, exit, KV cache, sampling state and streamed text.
+"""A running request: its tokens, exit, KV cache, sampling state and streamed text
+(torch-free: the cache and random generator come from the engine that owns it).
 
 Invariant while running: the cache holds every token but the last (`cache.length ==
 len(token_ids) - 1`); the last token is fed at the next step. A waiting sequence has fewer
@@ -7,42 +8,11 @@ cached positions and is (re)filled by prefill chunks first.
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
+from typing import Any
 
-import torch
-
-from engine.kv_cache import SequenceCache
-from engine.sampling import NgramIndex, SamplingParams, make_generator
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(frozen=True)
-class Confidence:
-    """The branch's own distribution at this token (before any sampling processor)."""
-
-    max_prob: float
-    margin: float  # p1 - p2
-    entropy: float  # nats
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    seq_id: str
-    token_id: int
-    text: str  # newly releasable text (stop strings held back until resolved)
-    exit: int
-    confidence: Confidence
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+from engine.events import Confidence, Status, TokenEvent  # noqa: F401 (re-exported)
+from engine.ngrams import NgramIndex
+from engine.sampling_params import SamplingParams
 
 
 class Sequence:
@@ -53,9 +23,11 @@ class Sequence:
         num_prompt_tokens: int,
         exit_layer: int,
         params: SamplingParams,
-        cache: SequenceCache,
+        cache: Any,  # engine.kv_cache.SequenceCache, or the ONNX Runtime engine's cache
         stream,  # engine.tokenizer.StreamDecoder
         stop_ids: frozenset[int],
+        generator: Any,  # the backend's random generator, seeded with `seed`
+        seed: int,
     ):
         self.id = seq_id
         self.token_ids = list(token_ids)
@@ -65,7 +37,7 @@ class Sequence:
         self.cache = cache
         self.status = Status.WAITING
         self.finish_reason: str | None = None
-        self.generator, self.seed = make_generator(params.seed)
+        self.generator, self.seed = generator, seed
         self.stop_ids = stop_ids
         self.stream = stream
         self.text = ""  # generated text so far (after stop-string truncation)
@@ -118,6 +90,3 @@ class Sequence:
         out = self.text[self.num_emitted_chars : end]
         self.num_emitted_chars = end
         return out
-
-    def rng_state(self) -> torch.Tensor:
-        return self.generator.get_state()

@@ -12,7 +12,10 @@ Paths in errors: `models.<name>.<field>`, `nodes[<i>].<field>`, `router.<field>`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -103,6 +106,7 @@ class NodeSpec:
     max_batch: int = 8
     max_context: int = 2048
     providers: tuple[str, ...] = ()  # onnxruntime execution providers, in preference order
+    onnx_dir: str | None = None  # onnxruntime: exports `exit-<E>/` (default: the user cache)
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name")
@@ -118,11 +122,12 @@ class NodeSpec:
         _check_one_of(self.backend, BACKENDS, "backend")
         _check(self.max_batch >= 1, "max_batch", "must be >= 1")
         _check(self.max_context >= 1, "max_context", "must be >= 1")
-        _check(
-            not self.providers or self.backend == "onnxruntime",
-            "providers",
-            "only valid with backend onnxruntime",
-        )
+        for key in ("providers", "onnx_dir"):
+            _check(
+                not getattr(self, key) or self.backend == "onnxruntime",
+                key,
+                "only valid with backend onnxruntime",
+            )
 
 
 @dataclass(frozen=True)
@@ -389,3 +394,16 @@ class Topology:
             for n in self.nodes
         )
         return dataclasses.replace(self, router=router, nodes=nodes)
+
+
+def onnx_dir_for(topology: Topology, node: NodeSpec) -> Path:
+    """Where an onnxruntime node finds its exports (`exit-<E>/` each): `onnx_dir`, else a
+    per-model directory of the user cache keyed by the model's path, dtype, exits and overlay
+    (`ruyiflow up` exports there on first use)."""
+    if node.onnx_dir:
+        return Path(node.onnx_dir).expanduser()
+    m = topology.model(node.model)
+    key = json.dumps([m.path, m.dtype, list(m.extra_exits), m.overlay])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "ruyiflow" / "onnx" / f"{m.name}-{digest}"

@@ -7,41 +7,53 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
+from typing import Any
 
-from engine.checkpoint import load_model
-from engine.engine import Engine
-from engine.model import Work
 from engine.serving.metrics import NodeMetrics
 from engine.serving.servicer import NodeIdentity, NodeServicer
 from engine.serving.worker import EngineWorker
 from proto import ruyiflow_pb2_grpc as pb_grpc
 from router.errors import TopologyError
 from router.grpc_server import serve_grpc, service_name
-from router.topology import Topology
+from router.topology import NodeSpec, Topology, onnx_dir_for
 
 log = logging.getLogger("ruyiflow.node")
 WARMUP_TOKENS = 128
 
 
-def measure_prefill(engine: Engine, exit_layer: int, num_tokens: int = WARMUP_TOKENS) -> float:
-    """Prefill tokens/s at `exit_layer` (also warms the allocator and kernels up)."""
-    model = engine.model
-    ids = [(37 * i) % (engine.config.vocab_size - 1) + 1 for i in range(num_tokens)]
-    best = float("inf")
-    for _ in range(3):  # the first run pays for allocation; keep the best of the rest
-        started = time.perf_counter()
-        model.forward([Work(model.new_cache(), ids, 0, exit_layer)])
-        best = min(best, time.perf_counter() - started)
-    return num_tokens / best
+def open_engine(topology: Topology, spec: NodeSpec) -> tuple[Any, str]:
+    """The node's engine for its backend, and the model fingerprint it serves."""
+    if spec.backend == "onnxruntime":  # torch-free: ONNX exports of each served exit
+        from engine.ort_engine import open_ort_engine
 
+        engine = open_ort_engine(
+            onnx_dir_for(topology, spec),
+            spec.exits,
+            spec.providers,
+            max_batch=spec.max_batch,
+            max_context=spec.max_context,
+        )
+        return engine, engine.fingerprint
+    from engine.checkpoint import load_model
+    from engine.engine import Engine
 
-def max_state_bytes(engine: Engine, max_context: int) -> int:
-    """Largest valid handoff state: boundary + every trunk layer's KV for max_context tokens."""
-    c = engine.config
-    elem = engine.model.embed.element_size()
-    per_token = c.hidden_size + 2 * (c.num_layers - 1) * c.num_kv_heads * c.head_dim
-    return per_token * max_context * elem + (1 << 20)
+    model_spec = topology.model(spec.model)
+    loaded = load_model(
+        model_spec.path,
+        model_spec.dtype,
+        model_spec.extra_exits or None,
+        max_context=spec.max_context,
+        max_batch=spec.max_batch,
+        **({} if model_spec.overlay is None else {"overlay": model_spec.overlay}),
+    )
+    missing = [e for e in spec.exits if e not in loaded.config.exits]
+    if missing:
+        raise TopologyError(
+            f"node {spec.name!r} serves exits {missing} that model {spec.model!r} lacks "
+            f"(exits {list(loaded.config.exits)})"
+        )
+    engine = Engine(loaded, max_batch=spec.max_batch, max_context=spec.max_context)
+    return engine, loaded.fingerprint
 
 
 def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | None = None) -> int:
@@ -53,10 +65,6 @@ def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | N
     if spec.tier != tier:
         raise TopologyError(
             f"node {name!r} is a {spec.tier} node; start it with `ruyiflow {spec.tier}`"
-        )
-    if spec.backend != "torch":
-        raise TopologyError(
-            f"node {name!r}: backend {spec.backend!r} is not available in this build"
         )
     model_spec = topology.model(spec.model)
     stop = stop or threading.Event()
@@ -76,24 +84,11 @@ def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | N
         [(pb_grpc.add_NodeServicer_to_server, servicer)], spec.listen, [service_name("Node")]
     )
     log.info("%s: listening on %s, loading model %s", name, spec.listen, model_spec.path)
-    loaded = load_model(
-        model_spec.path,
-        model_spec.dtype,
-        model_spec.extra_exits or None,
-        max_context=spec.max_context,
-        max_batch=spec.max_batch,
-    )
-    missing = [e for e in spec.exits if e not in loaded.config.exits]
-    if missing:
-        raise TopologyError(
-            f"node {name!r} serves exits {missing} that model {spec.model!r} lacks "
-            f"(exits {list(loaded.config.exits)})"
-        )
-    engine = Engine(loaded, max_batch=spec.max_batch, max_context=spec.max_context)
-    prefill = measure_prefill(engine, max(spec.exits))
+    engine, fingerprint = open_engine(topology, spec)
+    prefill = engine.measure_prefill(max(spec.exits), WARMUP_TOKENS)
     worker = EngineWorker(engine, tuple(spec.exits))
     worker.start()
-    servicer.attach(worker, loaded.fingerprint, prefill, max_state_bytes(engine, spec.max_context))
+    servicer.attach(worker, fingerprint, prefill, engine.max_state_bytes(spec.max_context))
     served.set_serving(True)
     metrics.ready.labels(**metrics.lab()).set(1)
     log.info(
@@ -101,7 +96,7 @@ def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | N
         name,
         list(spec.exits),
         prefill,
-        loaded.fingerprint,
+        fingerprint,
     )
     while not stop.wait(0.5):
         pass

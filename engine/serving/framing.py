@@ -8,7 +8,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 
 from engine.errors import HandoffError
-from engine.handoff import peek_metadata
+from engine.handoff_meta import peek_metadata
 from proto import ruyiflow_pb2 as pb
 
 MODE_NAMES = {pb.HANDOFF_MODE_HIDDEN: "hidden", pb.HANDOFF_MODE_TOKENS: "tokens"}

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import grpc
 
 from engine.errors import InvalidRequest, NodeUnavailable
-from engine.sampling import SamplingParams
-from engine.sequence import TokenEvent
+from engine.events import TokenEvent
+from engine.sampling_params import SamplingParams
 from engine.serving.escalation import EscalationSettings
 from engine.serving.framing import MODE_NAMES, header_for, read_state, state_parts
 from engine.serving.metrics import NodeMetrics
@@ -313,7 +313,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 hidden_size=c.hidden_size,
                 num_kv_heads=c.num_kv_heads,
                 head_dim=c.head_dim,
-                dtype_bytes=self.engine.model.embed.element_size(),
+                dtype_bytes=self.engine.state_dtype_bytes,
             ),
             prefill_tokens_per_s=self.prefill_tokens_per_s,
             backend=self.id.backend,

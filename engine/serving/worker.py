@@ -17,14 +17,16 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.engine import Engine
 from engine.errors import InvalidRequest, NodeUnavailable
-from engine.handoff import peek_metadata, to_tokens_mode
-from engine.sampling import SamplingParams
-from engine.sequence import TokenEvent
+from engine.events import TokenEvent
+from engine.handoff_meta import peek_metadata, to_tokens_mode
+from engine.sampling_params import SamplingParams
 from engine.serving.escalation import EscalationSettings, EscalationWatch
+
+if TYPE_CHECKING:  # the torch Engine or engine.ort_engine.OrtEngine (same interface)
+    from engine.engine import Engine
 
 log = logging.getLogger(__name__)
 PARK_SECONDS = 120.0
