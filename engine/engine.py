@@ -35,6 +35,7 @@ class Engine(Scheduler):
         self.model = loaded.model
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
+        self.fingerprint = loaded.fingerprint
         self._init_queues(max_batch, max_context, max_step_tokens, max_waiting)
 
     def _new_cache(self):

@@ -48,6 +48,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--thinking", choices=["on", "off"], default=None, help="enable_thinking for templates"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime"],
+        default="torch",
+        help="torch (the checkpoint) or onnxruntime (an export: --onnx DIR)",
+    )
+    p.add_argument(
+        "--onnx", default=None, help="onnxruntime: an export dir from `ruyiflow export-onnx`"
+    )
+    p.add_argument(
+        "--providers", default=None, help="onnxruntime execution providers, comma-separated"
+    )
     p.add_argument("prompt", nargs="?", default=None)
 
 
@@ -59,7 +71,7 @@ def parse_ids(text: str) -> list[int]:
 
 
 def sampling_from_args(args: argparse.Namespace):
-    from engine.sampling import SamplingParams
+    from engine.sampling_params import SamplingParams
 
     return SamplingParams(
         max_tokens=args.max_tokens,
@@ -93,14 +105,30 @@ def prompt_ids_from_args(args: argparse.Namespace, tokenizer) -> list[int]:
     return tokenizer.encode(tokenizer.apply_chat_template(messages, enable_thinking=thinking))
 
 
-def run(args: argparse.Namespace) -> int:
+def engine_from_args(args: argparse.Namespace):
+    """(engine, tokenizer) for the chosen backend; onnxruntime needs neither torch nor the
+    checkpoint, only the export."""
+    if args.backend == "onnxruntime":
+        from engine.ort_engine import open_export
+
+        if not args.onnx:
+            raise InvalidRequest("--backend onnxruntime needs --onnx DIR (see export-onnx)")
+        providers = [p for p in (args.providers or "").split(",") if p]
+        engine = open_export(args.onnx, providers, max_batch=1)
+        return engine, engine.tokenizer
+    if args.onnx or args.providers:
+        raise InvalidRequest("--onnx and --providers need --backend onnxruntime")
     from engine.engine import Engine
 
     loaded = load_from_args(args)
-    engine = Engine(loaded, max_batch=1)
-    prompt_ids = prompt_ids_from_args(args, loaded.tokenizer)
+    return Engine(loaded, max_batch=1), loaded.tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    engine, tokenizer = engine_from_args(args)
+    prompt_ids = prompt_ids_from_args(args, tokenizer)
     params = sampling_from_args(args)
-    exit_layer = loaded.config.default_exit if args.exit is None else args.exit
+    exit_layer = engine.config.default_exit if args.exit is None else args.exit
     started = time.perf_counter()
     first = None
     tokens, confidence, text, reason = [], [], [], None
@@ -125,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                     "exit": exit_layer,
                     "finish_reason": reason,
                     "confidence": confidence,
-                    "fingerprint": loaded.fingerprint,
+                    "fingerprint": engine.fingerprint,
                     "time_to_first_token_s": round(first - started, 4),
                     "decode_tokens_per_s": round(decode_rate, 2),
                 }

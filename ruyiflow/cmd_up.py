@@ -61,11 +61,16 @@ class Cluster:
     """Child processes of one topology; `stop` sends SIGTERM, then SIGKILL after a grace."""
 
     def __init__(self, topology_path: str, log_dir: Path | None = None, only: tuple[str, ...] = ()):
+        self.topology_path = topology_path
         self.specs = [s for s in processes(topology_path) if not only or s[0] in only]
         self.children: dict[str, subprocess.Popen] = {}
         self.log_dir = log_dir
 
-    def start(self) -> None:
+    def start(self, quiet: bool = False) -> None:
+        """Make missing ONNX exports (onnxruntime nodes), then start every process."""
+        from ruyiflow.onnx_exports import prepare_exports
+
+        prepare_exports(self.topology_path, quiet=quiet)
         for name, argv, _ in self.specs:
             out = None
             if self.log_dir is not None:

@@ -1,0 +1,73 @@
+"""Exports for `backend: onnxruntime` nodes, made before `ruyiflow up` starts them: each served
+exit's export under the node's `onnx_dir` (`exit-<E>/`), reused while its manifest's model
+fingerprint matches the model the topology names, re-made (with a progress bar) when missing
+or stale."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+
+def export_fingerprint(path: Path) -> str | None:
+    """The model fingerprint an export was made from (None: no readable manifest)."""
+    try:
+        return str(json.loads((path / "manifest.json").read_text())["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prepare_exports(topology_path: str, quiet: bool = False) -> list[Path]:
+    """Make every missing or stale export the topology's onnxruntime nodes need; returns the
+    export directories made."""
+    from router.topology import onnx_dir_for
+    from router.topology_yaml import load_topology
+
+    topo = load_topology(topology_path)
+    made: list[Path] = []
+    loaded: dict[str, object] = {}
+    for node in topo.nodes:
+        if node.backend != "onnxruntime" or node.onnx_dir:
+            continue  # an explicit onnx_dir is the user's: checked by the node, never rewritten
+        root = onnx_dir_for(topo, node)
+        for exit_layer in node.exits:
+            if node.model not in loaded:
+                loaded[node.model] = _load(topo.model(node.model))
+            model = loaded[node.model]
+            path = root / f"exit-{exit_layer}"
+            if export_fingerprint(path) == model.fingerprint:
+                continue
+            if path.exists():
+                shutil.rmtree(path)
+            _export(model, exit_layer, path, quiet)
+            made.append(path)
+    return made
+
+
+def _load(spec):
+    from engine.checkpoint import load_model
+
+    kwargs = {} if spec.overlay is None else {"overlay": spec.overlay}
+    return load_model(spec.path, "float32", spec.extra_exits or None, **kwargs)
+
+
+def _export(model, exit_layer: int, path: Path, quiet: bool) -> None:
+    from engine.onnx.export import export_branch
+
+    def progress(done: float, what: str = "") -> None:
+        if quiet:
+            return
+        width = 30
+        bar = "#" * int(done * width)
+        sys.stderr.write(f"\r[up] exporting exit {exit_layer} [{bar:<{width}}] {done:4.0%} {what}")
+        sys.stderr.flush()
+
+    tmp = path.with_name(path.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    export_branch(model, exit_layer, tmp, progress=progress)
+    tmp.rename(path)  # only a finished export is ever found under `path`
+    if not quiet:
+        sys.stderr.write("\n")
