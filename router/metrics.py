@@ -9,6 +9,7 @@ knows about gRPC.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -26,6 +27,7 @@ SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 INTER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 BYTES_BUCKETS = tuple(float(4**k) for k in range(5, 16))  # 1 KiB .. 1 GiB
 SCORE_BUCKETS = tuple(round(0.05 * k, 2) for k in range(1, 21))
+CLOUD_SHARE_WINDOW = 1000  # finished requests the realised cloud share is measured over
 
 
 def _check(value: str, allowed: tuple[str, ...] | frozenset[str], label: str) -> str:
@@ -61,7 +63,14 @@ class MetricsServer:
 class RouterMetrics:
     """The router's metrics. `node_names` and `exits` (from the topology) bound those labels."""
 
-    def __init__(self, node_names: tuple[str, ...] = (), exits: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        node_names: tuple[str, ...] = (),
+        exits: tuple[int, ...] = (),
+        cloud_share_window: int = CLOUD_SHARE_WINDOW,
+    ) -> None:
+        if cloud_share_window < 1:
+            raise ValueError(f"cloud_share_window must be >= 1, got {cloud_share_window}")
         self.registry = CollectorRegistry(auto_describe=True)
         self.node_names = frozenset(node_names)
         self.exits = frozenset(str(e) for e in exits)
@@ -145,13 +154,22 @@ class RouterMetrics:
         self.retries = Counter(
             PREFIX + "retries", "Resumes after a node failure.", ["tier"], registry=r
         )
+        # A sliding window, not a running total: drift away from the target shows within
+        # `cloud_share_window` requests however long the router has been up.
         self.cloud_share = Gauge(
             PREFIX + "cloud_share",
-            "Fraction of finished requests first served on cloud.",
+            "Fraction of the last ok requests (cloud_share_window_requests) first served on cloud.",
             registry=r,
         )
+        self.cloud_share_window = Gauge(
+            PREFIX + "cloud_share_window_requests",
+            "Requests the cloud_share gauge currently averages over (at most N).",
+            registry=r,
+        )
+        self.cloud_share_target: Gauge | None = None  # registered once a target is set
         self._lock = threading.Lock()
-        self._num_finished = {tier: 0 for tier in TIERS}
+        self._recent_is_cloud: deque[bool] = deque(maxlen=cloud_share_window)
+        self._num_recent_cloud = 0
         for name in sorted(self.node_names):
             self.node_up.labels(node=name).set(0)
 
@@ -180,9 +198,13 @@ class RouterMetrics:
             self.e2e.labels(tier=tier).observe(total_s)
         if outcome == "ok":
             with self._lock:
-                self._num_finished[tier] += 1
-                total = sum(self._num_finished.values())
-                self.cloud_share.set(self._num_finished["cloud"] / total)
+                recent = self._recent_is_cloud
+                if len(recent) == recent.maxlen:
+                    self._num_recent_cloud -= recent[0]  # the oldest leaves the window
+                recent.append(tier == "cloud")
+                self._num_recent_cloud += tier == "cloud"
+                self.cloud_share.set(self._num_recent_cloud / len(recent))
+                self.cloud_share_window.set(len(recent))
 
     def observe_rejected(self, outcome: str, score: float | None = None) -> None:
         """A request refused before routing chose a tier and exit for it."""
@@ -224,6 +246,18 @@ class RouterMetrics:
 
     def set_node_up(self, node: str, is_up: bool) -> None:
         self.node_up.labels(node=_check(node, self.node_names, "node")).set(1 if is_up else 0)
+
+    def set_cloud_share_target(self, share: float | None) -> None:
+        """Export the configured target beside the realised share (None: leave it unset)."""
+        if share is None:
+            return
+        if self.cloud_share_target is None:
+            self.cloud_share_target = Gauge(
+                PREFIX + "cloud_share_target",
+                "Configured target cloud share (topology router.target_cloud_share).",
+                registry=self.registry,
+            )
+        self.cloud_share_target.set(share)
 
     def set_load(self, in_flight: int, queued: int) -> None:
         self.in_flight.set(in_flight)

@@ -1,6 +1,6 @@
 """Difficulty scorers: a conversation → a score in [0, 1] (0 = trivial, 1 = very hard).
 
-Scorers are registered by name (`heuristic` now; `learned` will register itself the same way)
+Scorers are registered by name (`heuristic`, and `learned`, imported lazily: router.learned_scorer)
 and built with `make_scorer(name, path)` from `topology.router.scorer`.
 
 `HeuristicScorer` (v1) measures six features of the whole conversation, each in [0, 1]:
@@ -157,3 +157,13 @@ class HeuristicScorer(Scorer):
         features = self.features(messages, enable_thinking)
         easiness = math.prod(1 - WEIGHTS[name] * value for name, value in features.items())
         return min(1.0, max(0.0, 1 - easiness))
+
+
+def _make_learned(path: str | None = None) -> Scorer:
+    """`learned`: an ONNX classifier (router.learned_scorer); onnxruntime loads only if chosen."""
+    from router.learned_scorer import LearnedScorer
+
+    return LearnedScorer(path)
+
+
+_REGISTRY["learned"] = _make_learned

@@ -112,6 +112,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         self.rng = rng or random.Random()
         self.admission = Admission("router")
         self._load = _LoadGauge(metrics)
+        metrics.set_cloud_share_target(getattr(topology.router, "target_cloud_share", None))
 
     def Generate(  # noqa: N802 (gRPC method name)
         self, request: pb.GenerateRequest, context: grpc.ServicerContext

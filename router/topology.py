@@ -202,6 +202,7 @@ class RouterSpec:
     escalation: EscalationSpec = EscalationSpec()
     handoff: HandoffPolicy = HandoffPolicy()
     grace_period_s: float = 10.0
+    target_cloud_share: float | None = None  # what `ruyiflow calibrate` aimed at (exported)
 
     def __post_init__(self) -> None:
         for key in ("listen", "metrics"):
@@ -232,6 +233,11 @@ class RouterSpec:
                     "harder scores must not map to shallower exits of the same model",
                 )
         _check(self.grace_period_s >= 0, "grace_period_s", "must be >= 0")
+        _check(
+            self.target_cloud_share is None or 0.0 <= self.target_cloud_share <= 1.0,
+            "target_cloud_share",
+            "must be in [0, 1]",
+        )
 
 
 @dataclass(frozen=True)

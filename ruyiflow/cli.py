@@ -18,6 +18,11 @@ COMMANDS = {
     "router": ("router.daemon", "run the router daemon"),
     "up": ("ruyiflow.cmd_up", "start every process of a topology on this machine"),
     "query": ("ruyiflow.cmd_query", "send a prompt to the router and print the route trace"),
+    "export-onnx": ("ruyiflow.cmd_export_onnx", "export a branch as ONNX for onnxruntime nodes"),
+    "distill": ("ruyiflow.cmd_distill", "train exit branches by self-distillation (an overlay)"),
+    "eval": ("ruyiflow.cmd_eval", "evaluate exits and routing policies (quality vs cost)"),
+    "train-scorer": ("ruyiflow.cmd_train_scorer", "train the learned difficulty scorer (ONNX)"),
+    "calibrate": ("ruyiflow.cmd_calibrate", "set router/escalation thresholds for target shares"),
 }
 
 
