@@ -88,16 +88,16 @@ class OrtCache:
         b2[:t] = self.boundary[:t]
         self.boundary = b2
 
-    def write(self, row: int, present: list[np.ndarray], src: slice, boundary: np.ndarray) -> None:
-        """Append positions `src` of batch row `row` of the present KV ([B, KVH, P+S, D] per
-        layer, k and v interleaved) and boundary [S', hidden] at the end of this cache."""
+    def write(self, row: int, present: list, src: slice, boundary: np.ndarray) -> None:
+        """Append positions `src` of batch row `row` of the present KV ((k, v) per layer, each
+        [B, KVH, P+S, D]) and boundary [S', hidden] at the end of this cache."""
         n = boundary.shape[0]
         self.reserve(self.length + n)
         t = self.length
-        for i in range(len(present) // 2):  # the layers this sequence's branch runs
+        for i, (pk, pv) in enumerate(present):  # the layers this sequence's branch runs
             k, v = self.kv[i]
-            k[:, t : t + n] = present[2 * i][row, :, src]
-            v[:, t : t + n] = present[2 * i + 1][row, :, src]
+            k[:, t : t + n] = pk[row, :, src]
+            v[:, t : t + n] = pv[row, :, src]
         self.boundary[t : t + n] = boundary
         self.length += n
 
@@ -126,7 +126,7 @@ class OrtEngine(Scheduler):
             family=first.family,
             exits=tuple(first.exits),
             served=tuple(self.branches),
-            num_layers=first.num_model_layers,
+            num_layers=max(first.exits) + 1,  # the last exit is the last layer
             hidden_size=first.hidden_size,
             num_kv_heads=first.num_kv_heads,
             head_dim=first.head_dim,
@@ -172,16 +172,15 @@ class OrtEngine(Scheduler):
         c, n_layers = self.config, exit_layer + 1
         lengths = [s.cache.length for s in seqs]
         b, p = len(seqs), max(lengths)
-        past = [
-            np.zeros((b, c.num_kv_heads, p, c.head_dim), np.float32) for _ in range(2 * n_layers)
-        ]
+        shape = (b, c.num_kv_heads, p, c.head_dim)
+        past = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(n_layers)]
         mask = np.zeros((b, p + 1), np.int64)
         for row, seq in enumerate(seqs):
             t = lengths[row]
             for i in range(n_layers):
                 k, v = seq.cache.kv[i]
-                past[2 * i][row, :, :t] = k[:, :t]
-                past[2 * i + 1][row, :, :t] = v[:, :t]
+                past[i][0][row, :, :t] = k[:, :t]
+                past[i][1][row, :, :t] = v[:, :t]
             mask[row, :t] = 1
         mask[:, p] = 1  # the new token sits after the padding of shorter rows
         ids = np.array([[s.token_ids[-1]] for s in seqs], np.int64)
@@ -194,10 +193,7 @@ class OrtEngine(Scheduler):
     def _prefill(self, seq: Sequence, chunk: list[int]) -> np.ndarray:
         """Feed `chunk` after the sequence's cached positions -> logits [V] of its last token."""
         cache, n_layers, t = seq.cache, seq.exit + 1, seq.cache.length
-        past = []
-        for i in range(n_layers):
-            k, v = cache.kv[i]
-            past += [np.ascontiguousarray(k[None, :, :t]), np.ascontiguousarray(v[None, :, :t])]
+        past = [(k[None, :, :t], v[None, :, :t]) for k, v in cache.kv[:n_layers]]
         ids = np.array([chunk], np.int64)
         positions = np.arange(t, t + len(chunk), dtype=np.int64)[None]
         mask = np.ones((1, t + len(chunk)), np.int64)
@@ -301,10 +297,7 @@ class OrtEngine(Scheduler):
         ids = np.array([[(37 * i) % (c.vocab_size - 1) + 1 for i in range(num_tokens)]], np.int64)
         positions = np.arange(num_tokens, dtype=np.int64)[None]
         mask = np.ones((1, num_tokens), np.int64)
-        past = [
-            np.zeros((1, c.num_kv_heads, 0, c.head_dim), np.float32)
-            for _ in range(2 * (exit_layer + 1))
-        ]
+        past = branch.empty_past(1)
         best = float("inf")
         for _ in range(3):
             started = time.perf_counter()

@@ -56,12 +56,13 @@ def _load(spec):
 def _export(model, exit_layer: int, path: Path, quiet: bool) -> None:
     from engine.onnx.export import export_branch
 
-    def progress(done: float, what: str = "") -> None:
+    def progress(stage: str, done: float) -> None:
         if quiet:
             return
         width = 30
         bar = "#" * int(done * width)
-        sys.stderr.write(f"\r[up] exporting exit {exit_layer} [{bar:<{width}}] {done:4.0%} {what}")
+        line = f"\r[up] exporting exit {exit_layer} [{bar:<{width}}] {done:4.0%} {stage:<24}"
+        sys.stderr.write(line)
         sys.stderr.flush()
 
     tmp = path.with_name(path.name + ".partial")

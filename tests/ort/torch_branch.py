@@ -16,15 +16,16 @@ class TorchBranch:
         c = loaded.config
         self.model, self.exit = loaded.model, exit_layer
         self.fingerprint, self.family, self.exits = loaded.fingerprint, c.family, c.exits
-        self.num_model_layers, self.hidden_size = c.num_layers, c.hidden_size
+        self.hidden_size, self.num_kv_layers = c.hidden_size, exit_layer + 1
         self.num_kv_heads, self.head_dim, self.vocab_size = c.num_kv_heads, c.head_dim, c.vocab_size
         self.max_context, self.eos_token_ids = c.max_position_embeddings, c.eos_token_ids
         self.calls: list[tuple[int, int]] = []  # (batch, new tokens) per call
 
     def run(self, ids, positions, mask, past):
-        """ids/positions [B,S], mask [B,P+S] (1 = attend), past 2*(exit+1) arrays [B,KVH,P,D]
-        -> logits [B,V] (last position), boundary [B,S,H], present [B,KVH,P+S,D] each."""
+        """ids/positions [B,S], mask [B,P+S] (1 = attend), past exit+1 (k, v) [B,KVH,P,D]
+        -> logits [B,V] (last position), boundary [B,S,H], present (k, v) [B,KVH,P+S,D]."""
         b, s = ids.shape
+        past = [a for kv in past for a in kv]  # flat: k0, v0, k1, v1, ...
         p = past[0].shape[2]
         self.calls.append((b, s))
         present = [np.zeros((b, self.num_kv_heads, p + s, self.head_dim), np.float32) for _ in past]
@@ -51,4 +52,9 @@ class TorchBranch:
                 present[2 * i + 1][row, :, :t] = past[2 * i + 1][row, :, :t]
                 present[2 * i][row, :, p : p + s] = k[:, t : t + s].numpy()
                 present[2 * i + 1][row, :, p : p + s] = v[:, t : t + s].numpy()
-        return np.stack(logits), boundary, present
+        pairs = [(present[2 * i], present[2 * i + 1]) for i in range(len(present) // 2)]
+        return np.stack(logits), boundary, pairs
+
+    def empty_past(self, batch):
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32))] * self.num_kv_layers
