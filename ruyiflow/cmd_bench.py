@@ -10,6 +10,7 @@ BENCHES = {
     "cluster": "bench.cluster",
     "moe": "bench.moe",
     "cpu-gemv": "bench.cpu_gemv",
+    "edge": "bench.edge",
 }
 
 

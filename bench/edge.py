@@ -1,0 +1,174 @@
+"""`ruyiflow bench edge`: the edge tier on ONNX Runtime, on the embedded SmolLM2-135M.
+
+In one run: single-stream and batch-4 decode tokens/s of each exit asked for, ONNX Runtime float32,
+int8 and int4 exports against our torch engine in float32 (the baseline of each row); llama.cpp
+(`llama-cpp-python`, a bench-only dependency) decoding the same GGUF file (Q4_1) single-stream as
+the edge-CPU anchor; and the greedy-token agreement of the quantized exports with the float32 one
+over `--agreement-tokens` tokens on `--prompts` prompts of the shipped held-out set.
+Exports are cached under ~/.cache/ruyiflow/bench-edge and re-made when the model changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from bench.engine import decode_rate
+from engine.checkpoint import embedded_gguf_path, load_model
+from engine.engine import Engine
+from engine.ort_engine import open_export
+from engine.sampling_params import SamplingParams
+from ruyiflow.onnx_exports import export_fingerprint
+
+QUANTS = ("float32", "int8", "int4")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exits", default="12,16,20,24,29", help="comma-separated exits")
+    p.add_argument("--quants", default=",".join(QUANTS), help="comma-separated ORT variants")
+    p.add_argument("--tokens", type=int, default=64, help="decode tokens per measurement")
+    p.add_argument("--prompts", type=int, default=20, help="prompts for the agreement figure")
+    p.add_argument("--agreement-tokens", type=int, default=256)
+    p.add_argument(
+        "--agreement-exits", default="29", help="exits whose quantized agreement is measured"
+    )
+    p.add_argument("--skip-llama-cpp", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+
+def cached_export(loaded, exit_layer: int, quant: str) -> Path:
+    """An export of `exit_layer` in `quant`, made once per model fingerprint."""
+    from engine.onnx.export import export_branch
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = cache / "ruyiflow" / "bench-edge" / f"exit-{exit_layer}-{quant}"
+    if export_fingerprint(path) == loaded.fingerprint:
+        return path
+    if path.exists():
+        shutil.rmtree(path)
+    print(f"[bench edge] exporting exit {exit_layer} ({quant})", file=sys.stderr, flush=True)
+    export_branch(loaded, exit_layer, path, quant=None if quant == "float32" else quant)
+    return path
+
+
+def llama_cpp_rate(n: int) -> float:
+    """llama.cpp single-stream decode tokens/s on the shipped GGUF (prefill excluded)."""
+    from llama_cpp import Llama
+
+    from bench.engine import PROMPT
+
+    llm = Llama(
+        model_path=str(embedded_gguf_path()),
+        n_ctx=512,
+        n_threads=os.cpu_count(),
+        verbose=False,
+    )
+    best = 0.0
+    for _ in range(2):
+        llm.reset()
+        stream = llm.generate(PROMPT, temp=0.0, top_k=1, reset=True)
+        next(stream)  # prefill + first token
+        started = time.perf_counter()
+        for _ in range(n):
+            next(stream)
+        best = max(best, n / (time.perf_counter() - started))
+    return best
+
+
+def held_out_prompts(tokenizer, count: int) -> list[list[int]]:
+    from ruyiflow.evaluation.prompts import load_prompts
+
+    path = Path(__file__).resolve().parents[1] / "ruyiflow" / "data" / "prompts-heldout.jsonl"
+    prompts = load_prompts(path)[:count]
+    return [
+        tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}]))
+        for p in prompts
+    ]
+
+
+def greedy_tokens(engine, prompts: list[list[int]], exit_layer: int, n: int) -> list[list[int]]:
+    """Greedy continuations of every prompt (batched), `n` tokens each."""
+    params = SamplingParams(max_tokens=n, ignore_eos=True)
+    ids = [engine.add_request(p, params, exit_layer) for p in prompts]
+    out: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_work():
+        for event in engine.step():
+            out[event.seq_id].append(event.token_id)
+    return [out[i] for i in ids]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of positions where two sets of continuations hold the same token."""
+    same = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
+    return same / sum(len(r) for r in a)
+
+
+def run(args: argparse.Namespace) -> int:
+    exits = [int(e) for e in args.exits.split(",")]
+    quants = [q for q in args.quants.split(",") if q]
+    unknown = set(quants) - set(QUANTS)
+    if unknown:
+        raise SystemExit(f"unknown quant(s) {sorted(unknown)}; choose from {QUANTS}")
+    loaded = load_model("smollm2")
+    torch_engine = Engine(loaded, max_batch=max(4, args.prompts))
+    rows = []
+    for exit_layer in exits:
+        decode_rate(torch_engine, 4, exit_layer, 1)  # warm-up (allocator, kernels)
+        base1 = decode_rate(torch_engine, args.tokens, exit_layer, 1)
+        base4 = decode_rate(torch_engine, args.tokens, exit_layer, 4)
+        row = {"exit": exit_layer, "torch_f32": base1, "torch_f32_batch4": base4}
+        for quant in quants:
+            engine = open_export(cached_export(loaded, exit_layer, quant), max_batch=4)
+            decode_rate(engine, 4, exit_layer, 1)  # warm-up
+            row[f"ort_{quant}"] = decode_rate(engine, args.tokens, exit_layer, 1)
+            row[f"ort_{quant}_batch4"] = decode_rate(engine, args.tokens, exit_layer, 4)
+        rows.append(row)
+    llama = None if args.skip_llama_cpp else llama_cpp_rate(args.tokens)
+    agree = {}
+    for exit_layer in [int(e) for e in args.agreement_exits.split(",") if e]:
+        quantized = [q for q in quants if q != "float32"]
+        if not quantized:
+            break
+        prompts = held_out_prompts(loaded.tokenizer, args.prompts)
+        reference = greedy_tokens(
+            open_export(cached_export(loaded, exit_layer, "float32"), max_batch=len(prompts)),
+            prompts,
+            exit_layer,
+            args.agreement_tokens,
+        )
+        for quant in quantized:
+            engine = open_export(cached_export(loaded, exit_layer, quant), max_batch=len(prompts))
+            tokens = greedy_tokens(engine, prompts, exit_layer, args.agreement_tokens)
+            agree[f"{quant}@{exit_layer}"] = agreement(reference, tokens)
+    result = {"rows": rows, "llama_cpp_tokens_per_s": llama, "agreement": agree}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print_table(rows, quants, llama, agree, args)
+    return 0
+
+
+def print_table(rows, quants, llama, agree, args) -> None:
+    print(f"decode tokens/s, {args.tokens} tokens (x: vs torch float32, same exit and batch)")
+    head = f"{'exit':>4} {'torch f32':>10}" + "".join(f" {'ort ' + q:>17}" for q in quants)
+    for batch, suffix in ((1, ""), (4, "_batch4")):
+        print(f"\nbatch {batch}\n{head}")
+        for r in rows:
+            base = r[f"torch_f32{suffix}"]
+            cells = "".join(
+                f" {r[f'ort_{q}{suffix}']:9.1f} ({r[f'ort_{q}{suffix}'] / base:4.2f}x)"
+                for q in quants
+            )
+            print(f"{r['exit']:>4} {base:10.1f}{cells}")
+    if llama:
+        print(f"\nllama.cpp (same GGUF, Q4_1) single stream: {llama:.1f} tokens/s")
+        last = max(rows, key=lambda r: r["exit"])
+        for q in quants:
+            print(f"  ort {q} at exit {last['exit']} / llama.cpp: {last[f'ort_{q}'] / llama:.2f}x")
+    for key, value in agree.items():
+        print(f"greedy agreement with float32, {key}: {value:.1%}")
