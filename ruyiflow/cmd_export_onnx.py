@@ -1,0 +1,87 @@
+"""`ruyiflow export-onnx`: write one branch of a model as an ONNX export (graph, weights,
+tokenizer, manifest) for ONNX Runtime on edge machines; progress bar on stderr, summary on
+stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+BAR_WIDTH = 30
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="model dir, .gguf file, or 'smollm2'")
+    p.add_argument("--exit", type=int, required=True, help="exit layer whose branch is exported")
+    p.add_argument("--out", required=True, help="output directory (empty, or a previous export)")
+    p.add_argument("--quant", choices=["int8", "int4"], default=None, help="weight quantization")
+    p.add_argument(
+        "--dtype", choices=["float32"], default="float32", help="activations and KV cache"
+    )
+    p.add_argument(
+        "--extra-exits", default=None, help="comma-separated exits to add to a plain model"
+    )
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="positions the RoPE table covers (default: min(max_position_embeddings, 8192))",
+    )
+    p.add_argument(
+        "--keep-head-float", action="store_true", help="with --quant: leave the head in float32"
+    )
+
+
+class ProgressBar:
+    """One stderr line redrawn in place: `[#####-----]  50% weights`."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.last = ""
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        done = int(BAR_WIDTH * min(max(fraction, 0.0), 1.0))
+        line = f"[{'#' * done}{'-' * (BAR_WIDTH - done)}] {fraction:4.0%} {stage}"
+        if line != self.last:
+            self.stream.write(f"\r{line:<{len(self.last)}}")
+            self.stream.flush()
+            self.last = line
+
+    def close(self) -> None:
+        if self.last:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.checkpoint import load_model
+    from engine.onnx.export import export_branch
+    from ruyiflow.cmd_generate import parse_ids
+
+    started = time.perf_counter()
+    extra = parse_ids(args.extra_exits) if args.extra_exits else None
+    loaded = load_model(args.model, args.dtype, extra)
+    bar = ProgressBar()
+    try:
+        manifest = export_branch(
+            loaded,
+            args.exit,
+            args.out,
+            quant=args.quant,
+            progress=bar,
+            max_context=args.max_context,
+            quantize_head=not args.keep_head_float,
+        )
+    finally:
+        bar.close()
+    total = sum(f["bytes"] for f in manifest.files.values())
+    print(f"exported     {args.out}")
+    print(f"model        {manifest.model_name}  fingerprint {manifest.fingerprint}")
+    print(f"exit         {manifest.exit}  ({manifest.facts.num_kv_layers} layers run)")
+    print(f"quant        {manifest.quant or 'none (float32)'}")
+    print(f"max context  {manifest.facts.max_context}")
+    for name, f in manifest.files.items():
+        print(f"  {name:<28} {f['bytes']:>14,} B  sha256 {f['sha256'][:16]}")
+    print(f"total        {total / 2**20:.1f} MiB in {time.perf_counter() - started:.1f}s")
+    return 0
