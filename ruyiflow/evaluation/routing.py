@@ -1,0 +1,123 @@
+"""`eval routing` as a function: per-exit results (+ escalation runs) → one curve per policy.
+
+Policies, all on the same prompts: always-shallowest, always-deepest, random (deepest with
+probability p, averaged over seeds), oracle-label (each prompt at its label exit), and for each
+scorer (v1 `heuristic`, `learned` when a model file is given) a threshold sweep, plain and with
+escalation (start at the routed exit, switch to the deepest exit when the confidence window
+fires, really run with Engine.switch_exit), and `<scorer>-2exit`: the same scores with one cut
+between the shallowest and the deepest exit (RouteLLM's weak/strong setting, comparable with
+`random` at matched cost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from engine.errors import InvalidRequest, RuyiflowError
+from engine.serving.escalation import EscalationSettings
+from ruyiflow.evaluation.policies import (
+    DEFAULT_CLOUD_ABOVE,
+    Evaluator,
+    PolicyCurve,
+    default_thresholds,
+    escalation_outcomes,
+)
+from ruyiflow.evaluation.prompts import Prompt
+from ruyiflow.evaluation.results import PromptResult
+
+
+@dataclass(frozen=True)
+class RoutingSetup:
+    """Router settings the evaluation mirrors (defaults: the default topology.yaml)."""
+
+    thresholds: tuple[tuple[float, int], ...] | None = None  # None: default_thresholds(exits)
+    escalation: EscalationSettings = EscalationSettings(enabled=True, window=4, threshold=0.3)
+    cloud_above: int = DEFAULT_CLOUD_ABOVE
+    num_seeds: int = 200
+
+    @classmethod
+    def from_topology(cls, path: str, **overrides) -> RoutingSetup:
+        from router.errors import TopologyError
+        from router.topology import Topology
+
+        try:
+            topo = Topology.load(path)
+        except (TopologyError, OSError) as exc:
+            raise InvalidRequest(f"topology {path}: {exc}") from exc
+        model = topo.routed_model
+        edge = [e for n in topo.nodes if n.model == model and n.tier == "edge" for e in n.exits]
+        esc = topo.router.escalation
+        fields = {
+            "thresholds": tuple((t.below, t.exit) for t in topo.router.thresholds),
+            "escalation": EscalationSettings(
+                enabled=True, window=esc.window, threshold=esc.threshold
+            ),
+            "cloud_above": max(edge, default=0),
+        }
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
+
+
+def match_results(prompts: Sequence[Prompt], results: Sequence[PromptResult]) -> list[PromptResult]:
+    """The result of every prompt, in prompt order; results of other prompts are ignored."""
+    by_id = {r.id: r for r in results}
+    missing = [p.id for p in prompts if p.id not in by_id]
+    if missing:
+        raise InvalidRequest(
+            f"{len(missing)} prompts have no result (e.g. {missing[:5]}); run `eval exits` on them"
+        )
+    for p in prompts:
+        if by_id[p.id].prompt.prompt != p.prompt:
+            raise InvalidRequest(f"prompt {p.id!r} differs from its result's prompt text")
+    return [by_id[p.id] for p in prompts]
+
+
+def score_prompts(scorer, prompts: Sequence[Prompt]) -> dict[str, float]:
+    scores = {}
+    for p in prompts:
+        s = float(scorer.score(p.conversation()))
+        if not 0.0 <= s <= 1.0:
+            raise RuyiflowError(f"scorer gave {s} for {p.id!r}, outside [0, 1]")
+        scores[p.id] = s
+    return scores
+
+
+def policy_curves(
+    results: Sequence[PromptResult],
+    scorers: Mapping[str, Mapping[str, float]],
+    escalation_runs: Mapping | None,
+    setup: RoutingSetup = RoutingSetup(),
+) -> list[PolicyCurve]:
+    """Every policy's curve. `scorers` maps a name to its scores by prompt id; with
+    `escalation_runs` ({(id, start exit): Run}) each scorer also gets a `+escalation` curve."""
+    ev = Evaluator(results, setup.cloud_above)
+    thresholds = setup.thresholds or tuple(default_thresholds(ev.exits))
+    curves = [
+        ev.fixed("always-shallowest", ev.exits[0]),
+        ev.fixed("always-deepest", ev.exits[-1]),
+        ev.random(num_seeds=setup.num_seeds),
+        ev.by_exit("oracle-label", {r.id: r.label_exit for r in results}),
+    ]
+    escalated = escalation_outcomes(results, escalation_runs) if escalation_runs else None
+    # RouteLLM's two-model setting: one cut between the shallowest and the deepest exit
+    two_exits = ((0.5, ev.exits[0]), (float("inf"), ev.exits[-1]))
+    for name, scores in scorers.items():
+        curves.append(ev.thresholds_sweep(name, scores, thresholds))
+        curves.append(ev.thresholds_sweep(f"{name}-2exit", scores, two_exits))
+        if escalated is not None:
+            curves.append(ev.thresholds_sweep(f"{name}+escalation", scores, thresholds, escalated))
+    return curves
+
+
+def load_scorer(name: str, path: str | None = None):
+    """The heuristic v1 scorer, or the learned one from `path` (router.learned_scorer)."""
+    if name == "heuristic":
+        from router.scorer import HeuristicScorer
+
+        return HeuristicScorer()
+    try:
+        from router.learned_scorer import LearnedScorer
+    except ImportError as exc:
+        raise RuyiflowError(f"the learned scorer is not available ({exc})") from exc
+    return LearnedScorer(path)
