@@ -37,6 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--agreement-exits", default="29", help="exits whose quantized agreement is measured"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads for every side (torch, ONNX Runtime, llama.cpp); 1 is robust on a shared VM",
+    )
     p.add_argument("--skip-llama-cpp", action="store_true")
     p.add_argument("--json", action="store_true")
 
@@ -56,7 +62,7 @@ def cached_export(loaded, exit_layer: int, quant: str) -> Path:
     return path
 
 
-def llama_cpp_rate(n: int) -> float:
+def llama_cpp_rate(n: int, threads: int) -> float:
     """llama.cpp single-stream decode tokens/s on the shipped GGUF (prefill excluded)."""
     from llama_cpp import Llama
 
@@ -65,7 +71,8 @@ def llama_cpp_rate(n: int) -> float:
     llm = Llama(
         model_path=str(embedded_gguf_path()),
         n_ctx=512,
-        n_threads=os.cpu_count(),
+        n_threads=threads,
+        n_threads_batch=threads,
         verbose=False,
     )
     best = 0.0
@@ -114,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(quants) - set(QUANTS)
     if unknown:
         raise SystemExit(f"unknown quant(s) {sorted(unknown)}; choose from {QUANTS}")
+    import torch
+
+    torch.set_num_threads(args.threads)
     loaded = load_model("smollm2")
     torch_engine = Engine(loaded, max_batch=max(4, args.prompts))
     rows = []
@@ -123,12 +133,14 @@ def run(args: argparse.Namespace) -> int:
         base4 = decode_rate(torch_engine, args.tokens, exit_layer, 4)
         row = {"exit": exit_layer, "torch_f32": base1, "torch_f32_batch4": base4}
         for quant in quants:
-            engine = open_export(cached_export(loaded, exit_layer, quant), max_batch=4)
+            engine = open_export(
+                cached_export(loaded, exit_layer, quant), max_batch=4, threads=args.threads
+            )
             decode_rate(engine, 4, exit_layer, 1)  # warm-up
             row[f"ort_{quant}"] = decode_rate(engine, args.tokens, exit_layer, 1)
             row[f"ort_{quant}_batch4"] = decode_rate(engine, args.tokens, exit_layer, 4)
         rows.append(row)
-    llama = None if args.skip_llama_cpp else llama_cpp_rate(args.tokens)
+    llama = None if args.skip_llama_cpp else llama_cpp_rate(args.tokens, args.threads)
     agree = {}
     for exit_layer in [int(e) for e in args.agreement_exits.split(",") if e]:
         quantized = [q for q in quants if q != "float32"]
@@ -136,13 +148,16 @@ def run(args: argparse.Namespace) -> int:
             break
         prompts = held_out_prompts(loaded.tokenizer, args.prompts)
         reference = greedy_tokens(
-            open_export(cached_export(loaded, exit_layer, "float32"), max_batch=len(prompts)),
+            open_export(
+                cached_export(loaded, exit_layer, "float32"), max_batch=len(prompts), threads=None
+            ),
             prompts,
             exit_layer,
             args.agreement_tokens,
         )
         for quant in quantized:
-            engine = open_export(cached_export(loaded, exit_layer, quant), max_batch=len(prompts))
+            path = cached_export(loaded, exit_layer, quant)
+            engine = open_export(path, max_batch=len(prompts))
             tokens = greedy_tokens(engine, prompts, exit_layer, args.agreement_tokens)
             agree[f"{quant}@{exit_layer}"] = agreement(reference, tokens)
     result = {"rows": rows, "llama_cpp_tokens_per_s": llama, "agreement": agree}
@@ -154,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_table(rows, quants, llama, agree, args) -> None:
-    print(f"decode tokens/s, {args.tokens} tokens (x: vs torch float32, same exit and batch)")
+    print(f"decode tokens/s, {args.tokens} tokens, {args.threads} thread(s) per side")
+    print("(x: vs torch float32, same exit and batch)")
     head = f"{'exit':>4} {'torch f32':>10}" + "".join(f" {'ort ' + q:>17}" for q in quants)
     for batch, suffix in ((1, ""), (4, "_batch4")):
         print(f"\nbatch {batch}\n{head}")

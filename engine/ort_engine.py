@@ -307,13 +307,17 @@ class OrtEngine(Scheduler):
 
 
 def open_export(
-    path: str | Path, providers: list[str] | tuple[str, ...] = (), max_batch: int = 8
+    path: str | Path,
+    providers: list[str] | tuple[str, ...] = (),
+    max_batch: int = 8,
+    threads: int | None = None,
 ) -> OrtEngine:
-    """An engine over one export directory (the exit its manifest names)."""
+    """An engine over one export directory (the exit its manifest names); `threads`: ONNX
+    Runtime intra-op threads (default: its own choice)."""
     from engine.onnx.runtime import OnnxBranch
     from engine.tokenizer import Tokenizer
 
-    branch = OnnxBranch.open(Path(path), providers=list(providers) or None)
+    branch = OnnxBranch.open(Path(path), providers=list(providers) or None, threads=threads)
     return OrtEngine({branch.exit: branch}, Tokenizer.from_dir(path), max_batch=max_batch)
 
 
