@@ -1,5 +1,6 @@
 """Locate and load a model: the embedded SmolLM2 GGUF (`smollm2`), a `.gguf` file, or a Hugging
-Face directory (config.json + safetensors + tokenizer files). Returns everything a node needs."""
+Face directory (config.json + safetensors + tokenizer files), optionally with an exit overlay
+(trained branch deltas, `engine.distill.overlay`). Returns everything a node needs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig, config_from_hf, load_hf_config
-from engine.errors import ModelLoadError
+from engine.errors import ModelLoadError, ModelMismatch
 from engine.fingerprint import fingerprint
 from engine.model import FamilyModel
 from engine.tokenizer import Tokenizer
@@ -21,6 +22,9 @@ EMBEDDED = "smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Ruyi-7B's relative exit positions (11/15/19/23 of 28) on SmolLM2's 30 layers.
 EMBEDDED_EXTRA_EXITS = (12, 16, 20, 24)
+# Trained branches for those exits (`ruyiflow distill`), applied by default; overlay="none"
+# serves the untrained copies of layers[e].
+EMBEDDED_OVERLAY = Path(__file__).with_name("overlays") / "smollm2-exits.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -32,6 +36,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     fingerprint: str
     load_seconds: float
+    overlay: str | None = None  # path of the applied exit overlay
 
 
 def embedded_gguf_path() -> Path:
@@ -59,12 +64,17 @@ def load_model(
     extra_exits: tuple[int, ...] | list[int] | None = None,
     max_context: int | None = None,
     max_batch: int | None = None,
+    overlay: str | Path | None = "default",
 ) -> LoadedModel:
     """Load `source` (`smollm2`, a .gguf file, or a HF directory) served in `dtype`.
 
     `extra_exits` turns a plain model into a family (default for `smollm2`: 12, 16, 20, 24).
     MoE checkpoints (`engine.moe`) have one exit and are refused before any weight is read when
     weights + KV cache for `max_batch` sequences of `max_context` tokens do not fit in memory.
+
+    `overlay`: "default" (the shipped overlay for `smollm2` when its exits are the default ones,
+    nothing otherwise), "none"/None, or the path of an overlay file, refused (ModelMismatch)
+    unless it was trained on exactly this base model. The fingerprint covers the overlay.
     """
     started = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
@@ -93,6 +103,8 @@ def load_model(
 
             if extra_exits:
                 raise ModelLoadError("an MoE model has one exit (its last layer); no extra exits")
+            if overlay not in (None, "none", "default"):
+                raise ModelLoadError("exit overlays apply to familial dense models, not MoE")
             moe_config, moe_model, fp = load_moe_dir(path, hf, torch_dtype, max_context, max_batch)
             return LoadedModel(
                 source,
@@ -109,4 +121,42 @@ def load_model(
         config = config.with_extra_exits(tuple(extra_exits))
     model = build_model(config, tensors, torch_dtype)
     fp = fingerprint(config, tensors)
-    return LoadedModel(source, config, model, tokenizer, fp, time.perf_counter() - started)
+    overlay_path = _overlay_path(source, overlay, config)
+    if overlay_path is not None:
+        fp = _apply_overlay(model, overlay_path, fp, explicit=overlay != "default")
+    return LoadedModel(
+        source,
+        config,
+        model,
+        tokenizer,
+        fp,
+        time.perf_counter() - started,
+        str(overlay_path) if overlay_path is not None else None,
+    )
+
+
+def _overlay_path(source: str, overlay: str | Path | None, config: ModelConfig) -> Path | None:
+    if overlay is None or overlay == "none":
+        return None
+    if overlay == "default":
+        is_default = source == EMBEDDED and config.exits[:-1] == EMBEDDED_EXTRA_EXITS
+        return EMBEDDED_OVERLAY if is_default and EMBEDDED_OVERLAY.is_file() else None
+    return Path(overlay).expanduser()
+
+
+def _apply_overlay(model: FamilyModel, path: Path, base_fp: str, explicit: bool) -> str:
+    """Merge the overlay into `model`; returns the fingerprint of the result."""
+    from engine.distill.overlay import apply_overlay, read_overlay
+    from engine.fingerprint import with_overlay
+
+    found = read_overlay(path)
+    try:
+        apply_overlay(model, found, base_fp)
+    except ModelMismatch as exc:
+        if explicit:
+            raise
+        raise ModelLoadError(
+            f"the shipped overlay no longer matches the embedded model ({exc}); retrain it with "
+            "`ruyiflow distill` or load with overlay='none'"
+        ) from exc
+    return with_overlay(base_fp, found.tensors, found.meta.to_metadata())

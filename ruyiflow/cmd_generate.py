@@ -20,6 +20,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated exits to add to a plain model (smollm2: 12,16,20,24)",
     )
+    p.add_argument(
+        "--overlay",
+        default="default",
+        help="trained exit branches: 'default' (smollm2's shipped overlay), 'none', or a file",
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,7 +94,7 @@ def load_from_args(args: argparse.Namespace):
     from engine.checkpoint import load_model
 
     extra = parse_ids(args.extra_exits) if args.extra_exits else None
-    return load_model(args.model, args.dtype, extra)
+    return load_model(args.model, args.dtype, extra, overlay=args.overlay)
 
 
 def prompt_ids_from_args(args: argparse.Namespace, tokenizer) -> list[int]:

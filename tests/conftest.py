@@ -17,6 +17,14 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_untrained():
+    """SmolLM2 with its extra exits as untrained copies (no shipped overlay)."""
+    from engine.checkpoint import load_model
+
+    return load_model("smollm2", "float32", overlay="none")
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2():
     """transformers' own GGUF loader (dequantise + un-permute) as an independent oracle."""
     import torch

@@ -31,14 +31,15 @@ def test_llama_smollm2_matches_transformers(smollm2, hf_smollm2):
     torch.testing.assert_close(got, ref[8:], **TOL)
 
 
-def test_llama_shallow_exit_is_truncated_model(smollm2, hf_smollm2):
+def test_llama_shallow_exit_is_truncated_model(smollm2_untrained, hf_smollm2):
     """A copied exit e = layers[0..e] + final norm + shared head of the same weights."""
     with torch.no_grad():
         out = hf_smollm2(torch.tensor([IDS]), output_hidden_states=True)
         for e in (12, 20):
             h = out.hidden_states[e + 1][0]  # output of layer e, before the final norm
             ref = hf_smollm2.lm_head(hf_smollm2.model.norm(h))
-            torch.testing.assert_close(ours(smollm2, IDS, e, split=10), ref[9:], **TOL)
+            got = ours(smollm2_untrained, IDS, e, split=10)
+            torch.testing.assert_close(got, ref[9:], **TOL)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
