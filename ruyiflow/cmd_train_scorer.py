@@ -16,15 +16,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=0, help="MLP width; 0: logistic regression")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--model-name", default="smollm2", help="model whose exits label the data")
+    p.add_argument(
+        "--label",
+        choices=["agreement", "answer"],
+        default="answer",
+        help="agreement: the results' label_exit (greedy agreement >= 0.9 with the deepest); "
+        "answer: where a prompt has a short answer, the shallowest exit as right as the deepest",
+    )
 
 
-def labelled(path: str, classes: tuple[int, ...] | None = None):
+def labelled(path: str, classes: tuple[int, ...] | None = None, label: str = "agreement"):
     """(features [N, D], class indices [N], classes, conversations) of a results file."""
     import numpy as np
 
     from engine.errors import InvalidRequest
     from router.features import featurize_batch
-    from ruyiflow.evaluation.results import load_results
+    from ruyiflow.evaluation.results import answer_label, load_results
 
     results = load_results(path)
     exits = tuple(results[0].exits)  # ascending, the same in every record
@@ -34,7 +41,8 @@ def labelled(path: str, classes: tuple[int, ...] | None = None):
         raise InvalidRequest(f"{path}: exits {list(exits)} differ from training's {list(classes)}")
     conversations = [r.prompt.conversation() for r in results]
     features = featurize_batch(conversations)
-    labels = np.array([exits.index(r.label_exit) for r in results], dtype=np.int64)
+    pick = answer_label if label == "answer" else (lambda r: r.label_exit)
+    labels = np.array([exits.index(pick(r)) for r in results], dtype=np.int64)
     return features, labels, exits, conversations
 
 
@@ -60,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         epochs=args.epochs, seed=args.seed, hidden=args.hidden, weight_decay=args.weight_decay
     )
-    features, labels, classes, conversations = labelled(args.results)
+    features, labels, classes, conversations = labelled(args.results, label=args.label)
     counts = np.bincount(labels, minlength=len(classes))
     print(
         f"{len(labels)} prompts, label exits: "
@@ -83,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     mean_us, p99_us = latency_us(scorer, conversations)
     print(f"score latency per request: mean {mean_us:.0f} us, p99 {p99_us:.0f} us")
     if args.heldout:
-        held_features, held_labels, _, _ = labelled(args.heldout, classes)
+        held_features, held_labels, _, _ = labelled(args.heldout, classes, args.label)
         (held_probs,) = scorer.session.run(["probabilities"], {"features": held_features})
         print(f"held-out {accuracy(held_probs, held_labels).line()}")
     return 0

@@ -117,6 +117,19 @@ def label_exit(exits: dict[int, ExitResult]) -> int:
     return max(exits)
 
 
+def answer_label(result: PromptResult) -> int:
+    """The shallowest exit whose short answer is as right as the deepest exit's (when the
+    deepest is wrong too, the shallowest exit: deeper compute buys nothing); prompts without a
+    checkable answer keep the agreement label."""
+    deepest = result.exits[max(result.exits)].answer_match
+    if deepest is None:
+        return result.label_exit
+    for exit_layer in sorted(result.exits):
+        if bool(result.exits[exit_layer].answer_match) >= deepest:
+            return exit_layer
+    return max(result.exits)
+
+
 def build_result(
     prompt: Prompt,
     runs: dict[int, tuple[list[int], str, list[float]]],

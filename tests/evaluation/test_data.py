@@ -147,3 +147,20 @@ def test_result_loader_checks_exit_fields(tmp_path, field, value, message):
     rec["exits"]["12"][field] = value
     with pytest.raises(InvalidRequest, match=rf"f\.jsonl:1: exit 12: .*{re.escape(message)}"):
         load_results(write(tmp_path, [json.dumps(rec)]))
+
+
+def test_answer_label_is_the_shallowest_exit_as_right_as_the_deepest() -> None:
+    from ruyiflow.evaluation.prompts import Prompt
+    from ruyiflow.evaluation.results import ExitResult, PromptResult, answer_label
+
+    def result(matches, answer="4"):
+        exits = {
+            e: ExitResult([1], "x", 0.0, m, [0.5])
+            for e, m in zip((12, 20, 29), matches, strict=True)
+        }
+        return PromptResult(Prompt("p", "arithmetic", "2+2?", answer), exits, label_exit=29)
+
+    assert answer_label(result([False, True, True])) == 20  # the first exit that gets it right
+    assert answer_label(result([False, False, False])) == 12  # deep is wrong too: cheapest
+    assert answer_label(result([True, False, True])) == 12
+    assert answer_label(result([None, None, None], answer=None)) == 29  # agreement label
