@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["agreement", "answer"],
         default="answer",
         help="agreement: the results' label_exit (greedy agreement >= 0.9 with the deepest); "
-        "answer: where a prompt has a short answer, the shallowest exit as right as the deepest",
+        "answer: the shallowest exit as right as the deepest, on prompts with a short answer "
+        "(the others are left out)",
     )
 
 
@@ -39,6 +40,10 @@ def labelled(path: str, classes: tuple[int, ...] | None = None, label: str = "ag
         raise InvalidRequest(f"{path}: needs results for two or more exits, got {list(exits)}")
     if classes is not None and exits != classes:
         raise InvalidRequest(f"{path}: exits {list(exits)} differ from training's {list(classes)}")
+    if label == "answer":  # only prompts whose answer can be checked carry that label
+        results = [r for r in results if r.exits[max(r.exits)].answer_match is not None]
+        if not results:
+            raise InvalidRequest(f"{path}: no prompt has a checkable answer; use --label agreement")
     conversations = [r.prompt.conversation() for r in results]
     features = featurize_batch(conversations)
     pick = answer_label if label == "answer" else (lambda r: r.label_exit)

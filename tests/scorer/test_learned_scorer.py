@@ -143,7 +143,10 @@ def test_train_scorer_command(results_files, tmp_path, capsys) -> None:
     cmd_train_scorer.add_arguments(parser)
     out = tmp_path / "scorer.onnx"
     train, heldout = (str(p) for p in results_files)
-    argv = ["--results", train, "--out", str(out), "--epochs", "150", "--heldout", heldout]
+    with pytest.raises(InvalidRequest, match="no prompt has a checkable answer"):
+        cmd_train_scorer.run(parser.parse_args(["--results", train, "--out", str(out)]))
+    argv = ["--results", train, "--out", str(out), "--epochs", "150", "--label", "agreement"]
+    argv += ["--heldout", heldout]
     assert cmd_train_scorer.run(parser.parse_args(argv)) == 0
     printed = capsys.readouterr().out
     assert "150 prompts, label exits: 12: 30, 16: 30, 20: 30, 24: 30, 29: 30" in printed
