@@ -4,7 +4,9 @@ In one run: single-stream and batch-4 decode tokens/s of each exit asked for, ON
 int8 and int4 exports against our torch engine in float32 (the baseline of each row); llama.cpp
 (`llama-cpp-python`, a bench-only dependency) decoding the same GGUF file (Q4_1) single-stream as
 the edge-CPU anchor; and the greedy-token agreement of the quantized exports with the float32 one
-over `--agreement-tokens` tokens on `--prompts` prompts of the shipped held-out set.
+over `--agreement-tokens` tokens on `--prompts` prompts of the shipped held-out set, both
+free-running (position by position: one early divergence shifts the rest) and along float32's
+greedy path (each position's argmax given the same prefix).
 Exports are cached under ~/.cache/ruyiflow/bench-edge and re-made when the model changes.
 """
 
@@ -109,6 +111,25 @@ def greedy_tokens(engine, prompts: list[list[int]], exit_layer: int, n: int) -> 
     return [out[i] for i in ids]
 
 
+def forced_argmax(branch, prompt: list[int], forced: list[int]) -> list[int]:
+    """The branch's argmax at each position of `forced` (float32's greedy continuation) when fed
+    that continuation: agreement along the same path, not after a first divergence."""
+    import numpy as np
+
+    n = len(prompt)
+    logits, _, past = branch.run(
+        np.array([prompt]), np.arange(n)[None], np.ones((1, n), np.int64), branch.empty_past(1)
+    )
+    out = [int(logits[0].argmax())]
+    for i, token in enumerate(forced[:-1]):
+        pos = n + i
+        logits, _, past = branch.run(
+            np.array([[token]]), np.array([[pos]]), np.ones((1, pos + 1), np.int64), past
+        )
+        out.append(int(logits[0].argmax()))
+    return out
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Fraction of positions where two sets of continuations hold the same token."""
     same = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
@@ -159,7 +180,10 @@ def run(args: argparse.Namespace) -> int:
             path = cached_export(loaded, exit_layer, quant)
             engine = open_export(path, max_batch=len(prompts))
             tokens = greedy_tokens(engine, prompts, exit_layer, args.agreement_tokens)
-            agree[f"{quant}@{exit_layer}"] = agreement(reference, tokens)
+            agree[f"{quant}@{exit_layer} free-running"] = agreement(reference, tokens)
+            branch = engine.branches[exit_layer]
+            forced = [forced_argmax(branch, p, r) for p, r in zip(prompts, reference, strict=True)]
+            agree[f"{quant}@{exit_layer} along float32's path"] = agreement(reference, forced)
     result = {"rows": rows, "llama_cpp_tokens_per_s": llama, "agreement": agree}
     if args.json:
         print(json.dumps(result, indent=2))
