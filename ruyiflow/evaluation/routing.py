@@ -32,7 +32,8 @@ class RoutingSetup:
     """Router settings the evaluation mirrors (defaults: the default topology.yaml)."""
 
     thresholds: tuple[tuple[float, int], ...] | None = None  # None: default_thresholds(exits)
-    escalation: EscalationSettings = EscalationSettings(enabled=True, window=4, threshold=0.3)
+    # topology.yaml's escalation, calibrated on the trained exits (`ruyiflow calibrate`)
+    escalation: EscalationSettings = EscalationSettings(enabled=True, window=4, threshold=0.075)
     cloud_above: int = DEFAULT_CLOUD_ABOVE
     num_seeds: int = 200
 
