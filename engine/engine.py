@@ -13,8 +13,8 @@ import time
 import torch
 
 from engine.checkpoint import LoadedModel
-from engine.errors import HandoffError, InvalidRequest
-from engine.handoff import MODES, HandoffState, decode_state, encode_state
+from engine.errors import HandoffError
+from engine.handoff import HandoffState, decode_state, encode_state
 from engine.model import Work
 from engine.sampling import draw, make_generator, process_row
 from engine.scheduler import Scheduler
@@ -115,11 +115,7 @@ class Engine(Scheduler):
     # -- handoff ------------------------------------------------------------------------------
     def export_state(self, seq_id: str, mode: str = "hidden", release: bool = True) -> bytes:
         """Serialise a running sequence; by default it leaves this engine (it moves)."""
-        if mode not in MODES:
-            raise InvalidRequest(f"handoff mode {mode!r} unknown (choose from {MODES})")
-        seq = self._get(seq_id)
-        if mode == "hidden" and seq.status is not Status.RUNNING:
-            raise InvalidRequest(f"sequence {seq_id!r} is still prefilling; use tokens mode")
+        seq = self._exportable(seq_id, mode)
         t = seq.cache.length
         state = HandoffState(
             mode=mode,
@@ -196,12 +192,6 @@ class Engine(Scheduler):
     def state_dtype_bytes(self) -> int:
         """Bytes per element of exported hidden states and KV."""
         return self.model.embed.element_size()
-
-    def max_state_bytes(self, max_context: int) -> int:
-        """Largest valid handoff state: boundary + every trunk layer's KV for max_context."""
-        c = self.config
-        per_token = c.hidden_size + 2 * (c.num_layers - 1) * c.num_kv_heads * c.head_dim
-        return per_token * max_context * self.state_dtype_bytes + (1 << 20)
 
     def measure_prefill(self, exit_layer: int, num_tokens: int = 128) -> float:
         """Prefill tokens/s at `exit_layer` (also warms the allocator and kernels up)."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from engine.errors import HandoffError, InvalidRequest, ModelLoadError, ModelMismatch
 from engine.events import Confidence, Status, TokenEvent
-from engine.handoff_meta import MODES, StateMeta, check_meta, encode_arrays, peek_metadata
+from engine.handoff_meta import StateMeta, check_meta, encode_arrays, peek_metadata
 from engine.sampling_np import draw, exit_confidence, make_generator, process_row
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -232,11 +232,7 @@ class OrtEngine(Scheduler):
     # -- handoff --------------------------------------------------------------------------------
     def export_state(self, seq_id: str, mode: str = "hidden", release: bool = True) -> bytes:
         """Serialise a running sequence in the torch engine's layout (float32, no RNG state)."""
-        if mode not in MODES:
-            raise InvalidRequest(f"handoff mode {mode!r} unknown (choose from {MODES})")
-        seq = self._get(seq_id)
-        if mode == "hidden" and seq.status is not Status.RUNNING:
-            raise InvalidRequest(f"sequence {seq_id!r} is still prefilling; use tokens mode")
+        seq = self._exportable(seq_id, mode)
         meta = StateMeta(
             mode,
             self.fingerprint,
@@ -285,11 +281,6 @@ class OrtEngine(Scheduler):
 
     # -- facts for the serving layer ------------------------------------------------------------
     state_dtype_bytes = 4  # exports run in float32
-
-    def max_state_bytes(self, max_context: int) -> int:
-        c = self.config
-        per_token = c.hidden_size + 2 * (c.num_layers - 1) * c.num_kv_heads * c.head_dim
-        return per_token * max_context * self.state_dtype_bytes + (1 << 20)
 
     def measure_prefill(self, exit_layer: int, num_tokens: int = 128) -> float:
         """Prefill tokens/s of the export at `exit_layer` (also warms ONNX Runtime up)."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from engine.errors import InvalidRequest, Overloaded
 from engine.events import Confidence, Status, TokenEvent
+from engine.handoff_meta import MODES
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -143,6 +144,23 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def _exportable(self, seq_id: str, mode: str) -> Sequence:
+        """The sequence to export in `mode` (hidden needs its prompt fully cached)."""
+        if mode not in MODES:
+            raise InvalidRequest(f"handoff mode {mode!r} unknown (choose from {MODES})")
+        seq = self._get(seq_id)
+        if mode == "hidden" and seq.status is not Status.RUNNING:
+            raise InvalidRequest(f"sequence {seq_id!r} is still prefilling; use tokens mode")
+        return seq
+
+    state_dtype_bytes: int  # bytes per element of exported hidden states and KV
+
+    def max_state_bytes(self, max_context: int) -> int:
+        """Largest valid handoff state: boundary + every trunk layer's KV for max_context."""
+        c = self.config
+        per_token = c.hidden_size + 2 * (c.num_layers - 1) * c.num_kv_heads * c.head_dim
+        return per_token * max_context * self.state_dtype_bytes + (1 << 20)
 
     def _emit(self, seq: Sequence, token: int, conf: Confidence) -> TokenEvent:
         """Record `token` for `seq` (its logits just came out of the model) -> its event."""
