@@ -80,3 +80,21 @@ def test_ort_edge_hands_hidden_state_to_torch_cloud(ort_cluster, smollm2):
     edge = [e.token_id for e in engine.generate(prompt, SamplingParams(max_tokens=4), 12)]
     cloud = [e.token_id for e in engine.generate(prompt + edge, SamplingParams(max_tokens=8), 29)]
     assert tokens == edge + cloud
+
+
+def test_a_stale_export_is_made_again(ort_cluster, smollm2):
+    import json
+
+    from router.topology import onnx_dir_for
+    from router.topology_yaml import load_topology
+    from ruyiflow.onnx_exports import export_fingerprint
+
+    _, topo_path = ort_cluster
+    topo = load_topology(topo_path)
+    path = onnx_dir_for(topo, topo.node("edge-0")) / "exit-12"
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["fingerprint"] = "made-from-other-weights"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert prepare_exports(topo_path, quiet=True) == [path]
+    assert export_fingerprint(path) == smollm2.fingerprint
+    assert not path.with_name("exit-12.partial").exists()
