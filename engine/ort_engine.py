@@ -318,9 +318,11 @@ def open_ort_engine(
     providers: tuple[str, ...] | list[str] = (),
     max_batch: int = 8,
     max_context: int | None = None,
+    expect_model: str | None = None,
 ) -> OrtEngine:
-    """Open `root/exit-<E>` for each exit (checked against its manifest) and the tokenizer
-    stored with the exports."""
+    """Open `root/exit-<E>` for each exit (checked against its manifest: files, exit, and the
+    model source it was exported from when `expect_model` is given) and the tokenizer stored
+    with the exports."""
     from engine.onnx.runtime import OnnxBranch
     from engine.tokenizer import Tokenizer
 
@@ -333,8 +335,12 @@ def open_ort_engine(
                 f"{path}: no ONNX export for exit {exit_layer}; create it with `ruyiflow "
                 f"export-onnx --exit {exit_layer} --out {path}` (or let `ruyiflow up` do it)"
             )
-        branches[exit_layer] = OnnxBranch.open(
-            path, providers=list(providers) or None, expect_exit=exit_layer
-        )
+        branch = OnnxBranch.open(path, providers=list(providers) or None, expect_exit=exit_layer)
+        if expect_model is not None and branch.manifest.model_name != expect_model:
+            raise ModelMismatch(
+                f"{path}: exported from model {branch.manifest.model_name!r}, but this node "
+                f"serves {expect_model!r}; re-export it (or let `ruyiflow up` do it)"
+            )
+        branches[exit_layer] = branch
     tokenizer = Tokenizer.from_dir(root / f"exit-{exits[0]}")
     return OrtEngine(branches, tokenizer, max_batch=max_batch, max_context=max_context)

@@ -32,6 +32,7 @@ def open_engine(topology: Topology, spec: NodeSpec) -> tuple[Any, str]:
             spec.providers,
             max_batch=spec.max_batch,
             max_context=spec.max_context,
+            expect_model=topology.model(spec.model).path,
         )
         return engine, engine.fingerprint
     from engine.checkpoint import load_model
