@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from engine.checkpoint import embedded_gguf_path, load_model
 from engine.engine import Engine
 from engine.ort_engine import open_export
 from engine.sampling_params import SamplingParams
-from ruyiflow.onnx_exports import export_fingerprint
+from ruyiflow.onnx_exports import ensure_export
 
 QUANTS = ("float32", "int8", "int4")
 
@@ -51,16 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def cached_export(loaded, exit_layer: int, quant: str) -> Path:
     """An export of `exit_layer` in `quant`, made once per model fingerprint."""
-    from engine.onnx.export import export_branch
-
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     path = cache / "ruyiflow" / "bench-edge" / f"exit-{exit_layer}-{quant}"
-    if export_fingerprint(path) == loaded.fingerprint:
-        return path
-    if path.exists():
-        shutil.rmtree(path)
-    print(f"[bench edge] exporting exit {exit_layer} ({quant})", file=sys.stderr, flush=True)
-    export_branch(loaded, exit_layer, path, quant=None if quant == "float32" else quant)
+    ensure_export(loaded, exit_layer, path, quant=None if quant == "float32" else quant)
     return path
 
 

@@ -8,8 +8,6 @@ sequences join and leave between any two steps. Sequences at different exits sha
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from engine.checkpoint import LoadedModel
@@ -193,12 +191,5 @@ class Engine(Scheduler):
         """Bytes per element of exported hidden states and KV."""
         return self.model.embed.element_size()
 
-    def measure_prefill(self, exit_layer: int, num_tokens: int = 128) -> float:
-        """Prefill tokens/s at `exit_layer` (also warms the allocator and kernels up)."""
-        ids = [(37 * i) % (self.config.vocab_size - 1) + 1 for i in range(num_tokens)]
-        best = float("inf")
-        for _ in range(3):  # the first run pays for allocation; keep the best of the rest
-            started = time.perf_counter()
-            self.model.forward([Work(self.model.new_cache(), ids, 0, exit_layer)])
-            best = min(best, time.perf_counter() - started)
-        return num_tokens / best
+    def _prefill_once(self, exit_layer: int, ids: list[int]) -> None:
+        self.model.forward([Work(self.model.new_cache(), ids, 0, exit_layer)])

@@ -12,7 +12,6 @@ from their tokens.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,19 +281,12 @@ class OrtEngine(Scheduler):
     # -- facts for the serving layer ------------------------------------------------------------
     state_dtype_bytes = 4  # exports run in float32
 
-    def measure_prefill(self, exit_layer: int, num_tokens: int = 128) -> float:
-        """Prefill tokens/s of the export at `exit_layer` (also warms ONNX Runtime up)."""
-        branch, c = self.branches[exit_layer], self.config
-        ids = np.array([[(37 * i) % (c.vocab_size - 1) + 1 for i in range(num_tokens)]], np.int64)
-        positions = np.arange(num_tokens, dtype=np.int64)[None]
-        mask = np.ones((1, num_tokens), np.int64)
-        past = branch.empty_past(1)
-        best = float("inf")
-        for _ in range(3):
-            started = time.perf_counter()
-            branch.run(ids, positions, mask, past)
-            best = min(best, time.perf_counter() - started)
-        return num_tokens / best
+    def _prefill_once(self, exit_layer: int, ids: list[int]) -> None:
+        branch, n = self.branches[exit_layer], len(ids)
+        positions = np.arange(n, dtype=np.int64)[None]
+        branch.run(
+            np.array([ids], np.int64), positions, np.ones((1, n), np.int64), branch.empty_past(1)
+        )
 
 
 def open_export(

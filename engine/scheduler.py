@@ -6,6 +6,7 @@ sampling and handoff export on top, so both behave the same to the serving layer
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -161,6 +162,20 @@ class Scheduler:
         c = self.config
         per_token = c.hidden_size + 2 * (c.num_layers - 1) * c.num_kv_heads * c.head_dim
         return per_token * max_context * self.state_dtype_bytes + (1 << 20)
+
+    def measure_prefill(self, exit_layer: int, num_tokens: int = 128) -> float:
+        """Prefill tokens/s at `exit_layer` (also warms the backend up): best of three."""
+        ids = [(37 * i) % (self.config.vocab_size - 1) + 1 for i in range(num_tokens)]
+        best = float("inf")
+        for _ in range(3):  # the first run pays for allocation; keep the best of the rest
+            started = time.perf_counter()
+            self._prefill_once(exit_layer, ids)
+            best = min(best, time.perf_counter() - started)
+        return num_tokens / best
+
+    def _prefill_once(self, exit_layer: int, ids: list[int]) -> None:
+        """Prefill `ids` into a fresh cache at `exit_layer` (the measurement's unit of work)."""
+        raise NotImplementedError
 
     def _emit(self, seq: Sequence, token: int, conf: Confidence) -> TokenEvent:
         """Record `token` for `seq` (its logits just came out of the model) -> its event."""

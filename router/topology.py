@@ -65,7 +65,7 @@ class ModelSpec:
     path: str
     dtype: str = "float32"
     extra_exits: tuple[int, ...] = ()
-    overlay: str | None = None  # dir with trained branch weights laid over the base model
+    overlay: str | None = None  # trained exit branches (`ruyiflow distill` file); None: shipped
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name")
@@ -83,6 +83,12 @@ class ModelSpec:
     @property
     def is_embedded(self) -> bool:
         return self.path == EMBEDDED_MODEL_PATH
+
+    @property
+    def overlay_arg(self) -> str:
+        """`engine.checkpoint.load_model`'s `overlay`: the file, else "default" (the shipped
+        overlay where the model has one)."""
+        return self.overlay or "default"
 
     @property
     def known_exits(self) -> tuple[int, ...] | None:

@@ -35,40 +35,44 @@ def prepare_exports(topology_path: str, quiet: bool = False) -> list[Path]:
         for exit_layer in node.exits:
             if node.model not in loaded:
                 loaded[node.model] = _load(topo.model(node.model))
-            model = loaded[node.model]
             path = root / f"exit-{exit_layer}"
-            if export_fingerprint(path) == model.fingerprint:
-                continue
-            if path.exists():
-                shutil.rmtree(path)
-            _export(model, exit_layer, path, quiet)
-            made.append(path)
+            if ensure_export(loaded[node.model], exit_layer, path, quiet=quiet):
+                made.append(path)
     return made
 
 
 def _load(spec):
     from engine.checkpoint import load_model
 
-    kwargs = {} if spec.overlay is None else {"overlay": spec.overlay}
-    return load_model(spec.path, "float32", spec.extra_exits or None, **kwargs)
+    return load_model(spec.path, "float32", spec.extra_exits or None, overlay=spec.overlay_arg)
 
 
-def _export(model, exit_layer: int, path: Path, quiet: bool) -> None:
+def ensure_export(
+    model, exit_layer: int, path: Path, quant: str | None = None, quiet: bool = False
+) -> bool:
+    """Export `exit_layer` of `model` (a LoadedModel) to `path` unless an export of the same
+    model fingerprint is there; True when one was made. Shows a progress bar unless `quiet`."""
     from engine.onnx.export import export_branch
+
+    if export_fingerprint(path) == model.fingerprint:
+        return False
+    what = f"exit {exit_layer}" + (f" ({quant})" if quant else "")
 
     def progress(stage: str, done: float) -> None:
         if quiet:
             return
         width = 30
         bar = "#" * int(done * width)
-        line = f"\r[up] exporting exit {exit_layer} [{bar:<{width}}] {done:4.0%} {stage:<24}"
+        line = f"\r[ruyiflow] exporting {what} [{bar:<{width}}] {done:4.0%} {stage:<24}"
         sys.stderr.write(line)
         sys.stderr.flush()
 
     tmp = path.with_name(path.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    export_branch(model, exit_layer, tmp, progress=progress)
+    for stale in (tmp, path):
+        if stale.exists():
+            shutil.rmtree(stale)
+    export_branch(model, exit_layer, tmp, quant=quant, progress=progress)
     tmp.rename(path)  # only a finished export is ever found under `path`
     if not quiet:
         sys.stderr.write("\n")
+    return True

@@ -45,7 +45,7 @@ def open_engine(topology: Topology, spec: NodeSpec) -> tuple[Any, str]:
         model_spec.extra_exits or None,
         max_context=spec.max_context,
         max_batch=spec.max_batch,
-        **({} if model_spec.overlay is None else {"overlay": model_spec.overlay}),
+        overlay=model_spec.overlay_arg,
     )
     missing = [e for e in spec.exits if e not in loaded.config.exits]
     if missing:
