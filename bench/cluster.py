@@ -16,9 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-
-from proto import ruyiflow_pb2_grpc as pb_grpc
-from router.client import RouterClient, build_request
+from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
+from ruyiflow.router.client import RouterClient, build_request
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 1690]
 

@@ -15,8 +15,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-from kernels.cpu_gemv import cpu_linear, is_available
+from ruyiflow.kernels.cpu_gemv import cpu_linear, is_available
 
 HIDDEN, INTERMEDIATE, NUM_LAYERS, VOCAB = 576, 1536, 30, 49152
 # [out, in] per layer: fused qkv (9 + 3 + 3 heads of 64), o, fused gate_up, down.

@@ -18,11 +18,12 @@ import os
 import time
 from pathlib import Path
 
-from bench.engine import decode_rate
-from engine.checkpoint import embedded_gguf_path, load_model
-from engine.engine import Engine
-from engine.ort_engine import open_export
-from engine.sampling_params import SamplingParams
+from ruyiflow.bench.engine import decode_rate
+from ruyiflow.engine.checkpoint import embedded_gguf_path, load_model
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.ort_engine import open_export
+from ruyiflow.engine.sampling_params import SamplingParams
+
 from ruyiflow.onnx_exports import ensure_export
 
 QUANTS = ("float32", "int8", "int4")
@@ -58,8 +59,7 @@ def cached_export(loaded, exit_layer: int, quant: str) -> Path:
 def llama_cpp_rate(n: int, threads: int) -> float:
     """llama.cpp single-stream decode tokens/s on the shipped GGUF (prefill excluded)."""
     from llama_cpp import Llama
-
-    from bench.engine import PROMPT
+    from ruyiflow.bench.engine import PROMPT
 
     llm = Llama(
         model_path=str(embedded_gguf_path()),

@@ -9,10 +9,9 @@ import json
 import time
 
 import torch
-
-from engine.checkpoint import load_model
-from engine.engine import Engine
-from engine.sampling import SamplingParams
+from ruyiflow.engine.checkpoint import load_model
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.sampling import SamplingParams
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 1690, 17, 45]
 
@@ -107,7 +106,7 @@ def transformers_rate(loaded, n: int) -> float:
 def switch_vs_prefill(loaded, context: int) -> tuple[float, float]:
     """Seconds to move a sequence from exit 12 to the last exit at `context` tokens: our
     branch switch vs re-prefilling the deep branch from tokens."""
-    from engine.model import Work
+    from ruyiflow.engine.model import Work
 
     model, last = loaded.model, loaded.config.last_exit
     shallow = loaded.config.exits[0]
@@ -137,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     hf = None if args.skip_transformers else transformers_rate(f32, n)
     rows.append(("single stream f32 (tok/s)", ours, "transformers generate f32", hf))
     rows.append(("single stream f32 (tok/s)", ours, "f32 bandwidth bound", bound))
-    from kernels import cpu_gemv
+    from ruyiflow.kernels import cpu_gemv
 
     cpu_gemv.set_threads(2)  # a machine this process has to itself (see kernels/cpu_gemv.py)
     ours2 = decode_rate(Engine(f32), n, last)

@@ -110,8 +110,8 @@ def write_tokenizer(path: Path) -> None:
 
 def ours_rate(loaded, n: int) -> tuple[float, list[int]]:
     """Engine decode tokens/s (greedy, one stream, first token = prefill excluded)."""
-    from engine.engine import Engine
-    from engine.sampling import SamplingParams
+    from ruyiflow.engine.engine import Engine
+    from ruyiflow.engine.sampling import SamplingParams
 
     engine = Engine(loaded, max_batch=1)
     engine.add_request(PROMPT, SamplingParams(max_tokens=n + 1, ignore_eos=True))
@@ -158,9 +158,8 @@ def bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 
 def bench_family(family: str, a: argparse.Namespace) -> dict:
+    from ruyiflow.engine.checkpoint import load_model
     from transformers import AutoModelForCausalLM
-
-    from engine.checkpoint import load_model
 
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(hf_config(family, a), dtype=torch.float32).eval()
@@ -194,7 +193,7 @@ def bench_family(family: str, a: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kernels import cpu_gemv
+    from ruyiflow.kernels import cpu_gemv
 
     args.bandwidth = bandwidth()
     rows = [bench_family(f.strip(), args) for f in args.families.split(",") if f.strip()]

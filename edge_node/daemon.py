@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.serving.cli import add_node_arguments, run_tier
+from ruyiflow.node.cli import add_node_arguments, run_tier
 
 TIER = "edge"
 

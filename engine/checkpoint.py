@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from engine.config import ModelConfig, config_from_hf, load_hf_config
-from engine.errors import ModelLoadError, ModelMismatch
-from engine.fingerprint import fingerprint
-from engine.model import FamilyModel
-from engine.tokenizer import Tokenizer
-from engine.weights import build_model
+from ruyiflow.engine.config import ModelConfig, config_from_hf, load_hf_config
+from ruyiflow.engine.errors import ModelLoadError, ModelMismatch
+from ruyiflow.engine.fingerprint import fingerprint
+from ruyiflow.engine.model import FamilyModel
+from ruyiflow.engine.tokenizer import Tokenizer
+from ruyiflow.engine.weights import build_model
 
 EMBEDDED = "smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,19 +86,19 @@ def load_model(
         if not path.exists():
             raise ModelLoadError(f"{path}: no such model file or directory")
     if path.is_file():
-        from engine.loaders.gguf_loader import gguf_config, gguf_tensors, open_gguf
+        from ruyiflow.engine.loaders.gguf_loader import gguf_config, gguf_tensors, open_gguf
 
         reader = open_gguf(path)
         config = gguf_config(reader)
         tensors = gguf_tensors(reader, config)
         tokenizer = Tokenizer.from_gguf(reader)
     else:
-        from engine.loaders.safetensors_loader import load_safetensors
-        from engine.moe import is_moe_config
+        from ruyiflow.engine.loaders.safetensors_loader import load_safetensors
+        from ruyiflow.engine.moe import is_moe_config
 
         hf = load_hf_config(path)
         if is_moe_config(hf):
-            from engine.moe.loader import load_moe_dir
+            from ruyiflow.engine.moe.loader import load_moe_dir
 
             if extra_exits:
                 raise ModelLoadError("an MoE model has one exit (its last layer); no extra exits")
@@ -146,8 +145,8 @@ def _overlay_path(source: str, overlay: str | Path | None, config: ModelConfig) 
 
 def _apply_overlay(model: FamilyModel, path: Path, base_fp: str, explicit: bool) -> str:
     """Merge the overlay into `model`; returns the fingerprint of the result."""
-    from engine.distill.overlay import apply_overlay, read_overlay
-    from engine.fingerprint import with_overlay
+    from ruyiflow.engine.fingerprint import with_overlay
+    from ruyiflow.engine.overlay import apply_overlay, read_overlay
 
     found = read_overlay(path)
     try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelLoadError
+from ruyiflow.engine.errors import ModelLoadError
 
 DENSE_FAMILIES = ("llama", "qwen2", "qwen3", "ruyi_qwen2", "ruyi_qwen3")
 RUYI_FAMILIES = ("ruyi_qwen2", "ruyi_qwen3")
@@ -89,7 +89,7 @@ class ModelConfig:
         return self.exits.index(exit_layer)
 
     def check_exit(self, exit_layer: int) -> None:
-        from engine.errors import InvalidRequest
+        from ruyiflow.engine.errors import InvalidRequest
 
         if exit_layer not in self.exits:
             raise InvalidRequest(

@@ -9,15 +9,14 @@ sequences join and leave between any two steps. Sequences at different exits sha
 from __future__ import annotations
 
 import torch
-
-from engine.checkpoint import LoadedModel
-from engine.errors import HandoffError
-from engine.handoff import HandoffState, decode_state, encode_state
-from engine.model import Work
-from engine.sampling import draw, make_generator, process_row
-from engine.scheduler import Scheduler
-from engine.sequence import Confidence, Sequence, Status, TokenEvent
-from kernels import exit_confidence
+from ruyiflow.engine.checkpoint import LoadedModel
+from ruyiflow.engine.errors import HandoffError
+from ruyiflow.engine.handoff import HandoffState, decode_state, encode_state
+from ruyiflow.engine.model import Work
+from ruyiflow.engine.sampling import draw, make_generator, process_row
+from ruyiflow.engine.scheduler import Scheduler
+from ruyiflow.engine.sequence import Confidence, Sequence, Status, TokenEvent
+from ruyiflow.kernels import exit_confidence
 
 
 class Engine(Scheduler):

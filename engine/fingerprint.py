@@ -11,8 +11,7 @@ import json
 from collections.abc import Mapping
 
 import torch
-
-from engine.config import ModelConfig
+from ruyiflow.engine.config import ModelConfig
 
 SAMPLES_PER_TENSOR = 16
 FINGERPRINT_CHARS = 24

@@ -19,11 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
-from engine.errors import HandoffError
-from engine.handoff_meta import (  # noqa: F401 (re-exported)
+from ruyiflow.engine.errors import HandoffError
+from ruyiflow.engine.handoff_meta import (  # noqa: F401 (re-exported)
     MODES,
     VERSION,
     StateMeta,
@@ -31,7 +28,9 @@ from engine.handoff_meta import (  # noqa: F401 (re-exported)
     peek_metadata,
     to_tokens_mode,
 )
-from engine.sampling import SamplingParams
+from ruyiflow.engine.sampling import SamplingParams
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from ruyiflow.engine.errors import HandoffError, ModelMismatch
+from ruyiflow.engine.sampling_params import SamplingParams
 from safetensors.numpy import save as np_save
-
-from engine.errors import HandoffError, ModelMismatch
-from engine.sampling_params import SamplingParams
 
 VERSION = 1
 MODES = ("hidden", "tokens")

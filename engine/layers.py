@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from engine.rope import apply_rope
-from kernels import rms_norm
-from kernels.cpu_gemv import cpu_linear as linear
+from ruyiflow.engine.rope import apply_rope
+from ruyiflow.kernels import rms_norm
+from ruyiflow.kernels.cpu_gemv import cpu_linear as linear
 
 
 @dataclass

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from engine.config import ModelConfig
-from engine.kv_cache import SequenceCache
-from engine.layers import Geometry, LayerWeights, Segment, decoder_layer
-from engine.rope import RopeTable, inv_frequencies
-from kernels import rms_norm
-from kernels.cpu_gemv import cpu_linear as linear
+from ruyiflow.engine.config import ModelConfig
+from ruyiflow.engine.kv_cache import SequenceCache
+from ruyiflow.engine.layers import Geometry, LayerWeights, Segment, decoder_layer
+from ruyiflow.engine.rope import RopeTable, inv_frequencies
+from ruyiflow.kernels import rms_norm
+from ruyiflow.kernels.cpu_gemv import cpu_linear as linear
 
 
 @dataclass

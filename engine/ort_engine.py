@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from engine.errors import HandoffError, InvalidRequest, ModelLoadError, ModelMismatch
-from engine.events import Confidence, Status, TokenEvent
-from engine.handoff_meta import StateMeta, check_meta, encode_arrays, peek_metadata
-from engine.sampling_np import draw, exit_confidence, make_generator, process_row
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from ruyiflow.engine.errors import HandoffError, InvalidRequest, ModelLoadError, ModelMismatch
+from ruyiflow.engine.events import Confidence, Status, TokenEvent
+from ruyiflow.engine.handoff_meta import StateMeta, check_meta, encode_arrays, peek_metadata
+from ruyiflow.engine.sampling_np import draw, exit_confidence, make_generator, process_row
+from ruyiflow.engine.scheduler import Scheduler
+from ruyiflow.engine.sequence import Sequence
 
 GROW_MULTIPLE = 64
 
@@ -297,8 +296,8 @@ def open_export(
 ) -> OrtEngine:
     """An engine over one export directory (the exit its manifest names); `threads`: ONNX
     Runtime intra-op threads (default: its own choice)."""
-    from engine.onnx.runtime import OnnxBranch
-    from engine.tokenizer import Tokenizer
+    from ruyiflow.engine.onnx.runtime import OnnxBranch
+    from ruyiflow.engine.tokenizer import Tokenizer
 
     branch = OnnxBranch.open(Path(path), providers=list(providers) or None, threads=threads)
     return OrtEngine({branch.exit: branch}, Tokenizer.from_dir(path), max_batch=max_batch)
@@ -315,8 +314,8 @@ def open_ort_engine(
     """Open `root/exit-<E>` for each exit (checked against its manifest: files, exit, and the
     model source it was exported from when `expect_model` is given) and the tokenizer stored
     with the exports."""
-    from engine.onnx.runtime import OnnxBranch
-    from engine.tokenizer import Tokenizer
+    from ruyiflow.engine.onnx.runtime import OnnxBranch
+    from ruyiflow.engine.tokenizer import Tokenizer
 
     root = Path(root)
     branches = {}

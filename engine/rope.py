@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from engine.config import RopeConfig
+from ruyiflow.engine.config import RopeConfig
 
 
 def inv_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 
 import torch
-
-from engine.ngrams import NgramIndex
-from engine.sampling_params import SamplingParams  # noqa: F401 (re-exported: one import site)
+from ruyiflow.engine.ngrams import NgramIndex
+from ruyiflow.engine.sampling_params import SamplingParams  # noqa: F401 (re-exported: one import site)
 
 
 def make_generator(seed: int | None) -> tuple[torch.Generator, int]:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
-from engine.ngrams import NgramIndex
-from engine.sampling_params import SamplingParams
+from ruyiflow.engine.ngrams import NgramIndex
+from ruyiflow.engine.sampling_params import SamplingParams
 
 
 def make_generator(seed: int | None) -> tuple[np.random.Generator, int]:

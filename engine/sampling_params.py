@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from engine.errors import InvalidRequest
+from ruyiflow.engine.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
 

@@ -11,11 +11,11 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from engine.errors import InvalidRequest, Overloaded
-from engine.events import Confidence, Status, TokenEvent
-from engine.handoff_meta import MODES
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from ruyiflow.engine.errors import InvalidRequest, Overloaded
+from ruyiflow.engine.events import Confidence, Status, TokenEvent
+from ruyiflow.engine.handoff_meta import MODES
+from ruyiflow.engine.sampling_params import SamplingParams
+from ruyiflow.engine.sequence import Sequence
 
 
 class Scheduler:

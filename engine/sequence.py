@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.events import Confidence, Status, TokenEvent  # noqa: F401 (re-exported)
-from engine.ngrams import NgramIndex
-from engine.sampling_params import SamplingParams
+from ruyiflow.engine.events import Confidence, Status, TokenEvent  # noqa: F401 (re-exported)
+from ruyiflow.engine.ngrams import NgramIndex
+from ruyiflow.engine.sampling_params import SamplingParams
 
 
 class Sequence:

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
+from ruyiflow.engine.chat_template import check_templates, find_templates, read_json, render_chat
+from ruyiflow.engine.errors import InvalidRequest, ModelLoadError
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-
-from engine.chat_template import check_templates, find_templates, read_json, render_chat
-from engine.errors import InvalidRequest, ModelLoadError
 
 
 class TokenizerError(ModelLoadError):

@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-
-from engine.config import ModelConfig
-from engine.errors import ModelLoadError
-from engine.layers import LayerWeights
-from engine.model import Branch, FamilyModel
+from ruyiflow.engine.config import ModelConfig
+from ruyiflow.engine.errors import ModelLoadError
+from ruyiflow.engine.layers import LayerWeights
+from ruyiflow.engine.model import Branch, FamilyModel
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 

@@ -16,16 +16,15 @@ re-exported under `<op>_triton` / `<op>_reference`. Note that `kernels.exit_conf
 from __future__ import annotations
 
 import torch
-
-from kernels.dispatch import has_triton, kernel_mode, use_triton
-from kernels.exit_confidence import exit_confidence as exit_confidence_triton
-from kernels.exit_confidence import exit_confidence_reference
-from kernels.fused_moe import fused_moe as fused_moe_triton
-from kernels.fused_moe import fused_moe_reference, moe_align_block_size
-from kernels.moe_routing import route_experts as route_experts_triton
-from kernels.moe_routing import route_experts_reference
-from kernels.rmsnorm import rmsnorm as rmsnorm_triton
-from kernels.rmsnorm import rmsnorm_reference
+from ruyiflow.kernels.dispatch import has_triton, kernel_mode, use_triton
+from ruyiflow.kernels.exit_confidence import exit_confidence as exit_confidence_triton
+from ruyiflow.kernels.exit_confidence import exit_confidence_reference
+from ruyiflow.kernels.fused_moe import fused_moe as fused_moe_triton
+from ruyiflow.kernels.fused_moe import fused_moe_reference, moe_align_block_size
+from ruyiflow.kernels.moe_routing import route_experts as route_experts_triton
+from ruyiflow.kernels.moe_routing import route_experts_reference
+from ruyiflow.kernels.rmsnorm import rmsnorm as rmsnorm_triton
+from ruyiflow.kernels.rmsnorm import rmsnorm_reference
 
 __all__ = [
     "exit_confidence",

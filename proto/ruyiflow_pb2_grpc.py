@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import ruyiflow_pb2 as ruyiflow__pb2
+from ruyiflow.proto import ruyiflow_pb2 as ruyiflow__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

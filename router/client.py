@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-
-from proto import ruyiflow_pb2 as pb
-from proto import ruyiflow_pb2_grpc as pb_grpc
-from router.grpc_server import channel_options
-from router.requests import MODE_ENUMS, TIER_ENUMS
-from router.trace_view import finish_name, format_trace, trace_to_dict
+from ruyiflow.cluster.grpc_server import channel_options
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
+from ruyiflow.router.requests import MODE_ENUMS, TIER_ENUMS
+from ruyiflow.router.trace_view import finish_name, format_trace, trace_to_dict
 
 __all__ = [
     "Completion",

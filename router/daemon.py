@@ -18,14 +18,14 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from proto import ruyiflow_pb2_grpc as pb_grpc
-from router.errors import TopologyError
-from router.grpc_server import GrpcServer, drain_and_stop, serve_grpc, service_name
-from router.metrics import MetricsServer, RouterMetrics
-from router.registry import DEFAULT_POLL_INTERVAL_S, NodeRegistry
-from router.scorer import make_scorer
-from router.service import RouterServicer
-from router.topology import Topology
+from ruyiflow.cluster.errors import TopologyError
+from ruyiflow.cluster.grpc_server import GrpcServer, drain_and_stop, serve_grpc, service_name
+from ruyiflow.cluster.topology import Topology
+from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
+from ruyiflow.router.metrics import MetricsServer, RouterMetrics
+from ruyiflow.router.registry import DEFAULT_POLL_INTERVAL_S, NodeRegistry
+from ruyiflow.router.scorer import make_scorer
+from ruyiflow.router.service import RouterServicer
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,11 @@ class RouterDaemon:
         self._is_stopped = False
 
     def start(self) -> RouterDaemon:
-        self.registry.start()
         adders = [(pb_grpc.add_RouterServicer_to_server, self.servicer)]
-        self.server = serve_grpc(adders, self._listen, [service_name("Router")])
+        self.server = serve_grpc(
+            adders, self._listen, [service_name("Router")], field="router.listen"
+        )
+        self.registry.start()
         try:
             if self._serve_metrics:
                 self.metrics_server = self.metrics.serve(self._metrics_address)

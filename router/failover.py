@@ -14,12 +14,11 @@ blame (mark unhealthy), where to resume, and what the client sees when nothing i
 from __future__ import annotations
 
 import grpc
-
-from proto import ruyiflow_pb2 as pb
-from router.errors import NodeUnavailable
-from router.grpc_errors import UpstreamStatus
-from router.registry import NodeRegistry
-from router.topology import Topology
+from ruyiflow.cluster.errors import NodeUnavailable
+from ruyiflow.cluster.grpc_errors import UpstreamStatus
+from ruyiflow.cluster.topology import Topology
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.router.registry import NodeRegistry
 
 RETRYABLE = frozenset(
     {

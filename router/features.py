@@ -26,8 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from router.scorer import (
+from ruyiflow.router.scorer import (
     DEPTH_SATURATION_TURNS,
     LENGTH_CEIL_TOKENS,
     LENGTH_FLOOR_TOKENS,

@@ -17,19 +17,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
-
-from proto import ruyiflow_pb2 as pb
-from router.policy import (
+from ruyiflow.cluster.topology import Topology
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.router.policy import (
     HandoffDecision,
     RoutePlan,
     choose_handoff_mode,
     pick_node,
     plan_escalation_across,
 )
-from router.policy import plan_escalation as plan_deeper
-from router.registry import NodeRegistry
-from router.requests import MODE_ENUMS
-from router.topology import Topology
+from ruyiflow.router.policy import plan_escalation as plan_deeper
+from ruyiflow.router.registry import NodeRegistry
+from ruyiflow.router.requests import MODE_ENUMS
 
 log = logging.getLogger(__name__)
 

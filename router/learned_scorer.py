@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from engine.errors import ModelLoadError
-from router.features import FEATURE_DIM, FEATURE_VERSION, featurize
-from router.scorer import Scorer
+from ruyiflow.engine.errors import ModelLoadError
+from ruyiflow.router.features import FEATURE_DIM, FEATURE_VERSION, featurize
+from ruyiflow.router.scorer import Scorer
 
 MODEL_KIND = "ruyiflow-difficulty-scorer"
 INPUT_NAME = "features"

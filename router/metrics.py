@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
-
-from router.topology import TIERS
-from router.units import parse_address
+from ruyiflow.cluster.metrics_http import (
+    BYTES_BUCKETS,
+    INTER_TOKEN_BUCKETS,
+    SECONDS_BUCKETS,
+    MetricsServer,
+    serve_registry,
+)
+from ruyiflow.cluster.topology import TIERS
 
 PREFIX = "ruyiflow_router_"
 OUTCOMES = ("ok", "invalid", "unavailable", "overloaded", "cancelled", "error")
 MODES = ("hidden", "tokens")  # a branch switch on one node is an escalation, not a handoff
 REASONS = ("low_confidence", "forced", "node_failure", "drain")
-SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-INTER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
-BYTES_BUCKETS = tuple(float(4**k) for k in range(5, 16))  # 1 KiB .. 1 GiB
 SCORE_BUCKETS = tuple(round(0.05 * k, 2) for k in range(1, 21))
 CLOUD_SHARE_WINDOW = 1000  # finished requests the realised cloud share is measured over
 
@@ -34,30 +34,6 @@ def _check(value: str, allowed: tuple[str, ...] | frozenset[str], label: str) ->
     if value not in allowed:
         raise ValueError(f"metric label {label}={value!r} is not one of {sorted(allowed)}")
     return value
-
-
-def serve_registry(address: str, registry: CollectorRegistry) -> MetricsServer:
-    """Serve a registry's `/metrics` on `host:port` in a daemon thread (router and nodes)."""
-    host, port = parse_address(address, allow_zero=True)
-    server, thread = start_http_server(port, addr=host, registry=registry)
-    return MetricsServer(server, thread)
-
-
-@dataclass
-class MetricsServer:
-    """A running `/metrics` HTTP server; `port` is the bound port (useful with port 0)."""
-
-    server: WSGIServer
-    thread: threading.Thread
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_port)
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 class RouterMetrics:
@@ -269,4 +245,4 @@ class RouterMetrics:
 
     def serve(self, address: str) -> MetricsServer:
         """Serve `/metrics` on `host:port` (port 0 picks a free one) in a daemon thread."""
-        return serve_registry(address, self.registry)
+        return serve_registry(address, self.registry, field="router.metrics")

@@ -13,8 +13,8 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-from router.errors import InvalidRequest, ModelMismatch, NodeUnavailable, Overloaded
-from router.topology import HANDOFF_MODES, TIERS, Threshold, Topology
+from ruyiflow.cluster.errors import InvalidRequest, ModelMismatch, NodeUnavailable, Overloaded
+from ruyiflow.cluster.topology import HANDOFF_MODES, TIERS, Threshold, Topology
 
 TOKEN_ID_BYTES = 4  # `tokens` mode sends uint32 ids
 

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from proto import ruyiflow_pb2 as pb
-from proto import ruyiflow_pb2_grpc as pb_grpc
-from router.grpc_server import channel_options, service_name
-from router.metrics import RouterMetrics
-from router.policy import NodeLoad
-from router.topology import NodeSpec, Topology
+from ruyiflow.cluster.grpc_server import channel_options, service_name
+from ruyiflow.cluster.topology import NodeSpec, Topology
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
+from ruyiflow.router.metrics import RouterMetrics
+from ruyiflow.router.policy import NodeLoad
 
 log = logging.getLogger(__name__)
 

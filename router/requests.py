@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from engine.sampling_params import SamplingParams
-from proto import ruyiflow_pb2 as pb
-from router.errors import InvalidRequest
-from router.policy import Overrides
-from router.scorer import LENGTH_CEIL_TOKENS, LENGTH_FLOOR_TOKENS, WEIGHTS, Scorer
-from router.topology import Topology
+from ruyiflow.cluster.errors import InvalidRequest
+from ruyiflow.cluster.topology import Topology
+from ruyiflow.engine.sampling_params import SamplingParams
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.router.policy import Overrides
+from ruyiflow.router.scorer import LENGTH_CEIL_TOKENS, LENGTH_FLOOR_TOKENS, WEIGHTS, Scorer
 
 MAX_PROMPT_BYTES = 32 << 10  # UTF-8 bytes of text over all messages
 MAX_PROMPT_TOKEN_IDS = 4096

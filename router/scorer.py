@@ -161,7 +161,7 @@ class HeuristicScorer(Scorer):
 
 def _make_learned(path: str | None = None) -> Scorer:
     """`learned`: an ONNX classifier (router.learned_scorer); onnxruntime loads only if chosen."""
-    from router.learned_scorer import LearnedScorer
+    from ruyiflow.router.learned_scorer import LearnedScorer
 
     return LearnedScorer(path)
 

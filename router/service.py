@@ -15,20 +15,19 @@ import uuid
 from collections.abc import Iterator
 
 import grpc
-
-from proto import ruyiflow_pb2 as pb
-from proto import ruyiflow_pb2_grpc as pb_grpc
-from router.errors import InvalidRequest, NodeUnavailable, Overloaded
-from router.grpc_errors import UpstreamStatus
-from router.grpc_server import Admission
-from router.metrics import RouterMetrics
-from router.policy import Overrides, RoutePlan, pick_node, plan_route
-from router.registry import NodeRegistry
-from router.requests import TIER_ENUMS, overrides_of, score_request, validate_request
-from router.scorer import Scorer
-from router.session import RequestSession
-from router.topology import Topology
-from router.trace import TraceBuilder
+from ruyiflow.cluster.errors import InvalidRequest, NodeUnavailable, Overloaded
+from ruyiflow.cluster.grpc_errors import UpstreamStatus
+from ruyiflow.cluster.grpc_server import Admission
+from ruyiflow.cluster.topology import Topology
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
+from ruyiflow.router.metrics import RouterMetrics
+from ruyiflow.router.policy import Overrides, RoutePlan, pick_node, plan_route
+from ruyiflow.router.registry import NodeRegistry
+from ruyiflow.router.requests import TIER_ENUMS, overrides_of, score_request, validate_request
+from ruyiflow.router.scorer import Scorer
+from ruyiflow.router.session import RequestSession
+from ruyiflow.router.trace import TraceBuilder
 
 _CODE_OUTCOMES = {
     grpc.StatusCode.INVALID_ARGUMENT: "invalid",

@@ -18,17 +18,16 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
-
-from proto import ruyiflow_pb2 as pb
-from router.errors import NodeUnavailable
-from router.failover import StreamBroken, classify_error, failover_target
-from router.handoff import HandoffPlanner, RelayFeed
-from router.metrics import RouterMetrics
-from router.policy import RoutePlan, pick_node
-from router.registry import NodeRegistry
-from router.requests import estimate_tokens, node_request
-from router.topology import Topology
-from router.trace import PendingMove, TraceBuilder, reason_label
+from ruyiflow.cluster.errors import NodeUnavailable
+from ruyiflow.cluster.topology import Topology
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.router.failover import StreamBroken, classify_error, failover_target
+from ruyiflow.router.handoff import HandoffPlanner, RelayFeed
+from ruyiflow.router.metrics import RouterMetrics
+from ruyiflow.router.policy import RoutePlan, pick_node
+from ruyiflow.router.registry import NodeRegistry
+from ruyiflow.router.requests import estimate_tokens, node_request
+from ruyiflow.router.trace import PendingMove, TraceBuilder, reason_label
 
 log = logging.getLogger(__name__)
 

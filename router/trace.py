@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from proto import ruyiflow_pb2 as pb
-from router.metrics import RouterMetrics
-from router.requests import MODE_ENUMS, TIER_ENUMS
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.router.metrics import RouterMetrics
+from ruyiflow.router.requests import MODE_ENUMS, TIER_ENUMS
 
 REASON_LABELS = {
     pb.HANDOFF_REASON_LOW_CONFIDENCE: "low_confidence",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proto import ruyiflow_pb2 as pb
+from ruyiflow.proto import ruyiflow_pb2 as pb
 
 
 def _enum_name(enum: Any, value: int, prefix: str) -> str:

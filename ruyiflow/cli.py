@@ -7,15 +7,16 @@ import argparse
 import importlib
 import sys
 
-from engine.errors import RuyiflowError
+from ruyiflow.cluster.errors import PortInUse, TopologyError
+from ruyiflow.engine.errors import RuyiflowError
 
 COMMANDS = {
     "generate": ("ruyiflow.cmd_generate", "generate locally with the engine"),
     "models": ("ruyiflow.cmd_models", "describe a model: family, exits, parameters, fingerprint"),
     "bench": ("ruyiflow.cmd_bench", "run a benchmark from bench/"),
-    "edge": ("edge_node.daemon", "run an edge node daemon"),
-    "cloud": ("cloud_node.daemon", "run a cloud node daemon"),
-    "router": ("router.daemon", "run the router daemon"),
+    "edge": ("ruyiflow.edge_node.daemon", "run an edge node daemon"),
+    "cloud": ("ruyiflow.cloud_node.daemon", "run a cloud node daemon"),
+    "router": ("ruyiflow.router.daemon", "run the router daemon"),
     "up": ("ruyiflow.cmd_up", "start every process of a topology on this machine"),
     "query": ("ruyiflow.cmd_query", "send a prompt to the router and print the route trace"),
     "export-onnx": ("ruyiflow.cmd_export_onnx", "export a branch as ONNX for onnxruntime nodes"),
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(module.run(args) or 0)
-    except RuyiflowError as exc:
+    except (RuyiflowError, TopologyError, PortInUse) as exc:  # expected: one line, no traceback
         print(f"ruyiflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,11 +6,11 @@ import argparse
 import importlib
 
 BENCHES = {
-    "engine": "bench.engine",
-    "cluster": "bench.cluster",
-    "moe": "bench.moe",
-    "cpu-gemv": "bench.cpu_gemv",
-    "edge": "bench.edge",
+    "engine": "ruyiflow.bench.engine",
+    "cluster": "ruyiflow.bench.cluster",
+    "moe": "ruyiflow.bench.moe",
+    "cpu-gemv": "ruyiflow.bench.cpu_gemv",
+    "edge": "ruyiflow.bench.edge",
 }
 
 

@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from engine.errors import InvalidRequest, RuyiflowError
-from router.errors import TopologyError
+from ruyiflow.cluster.errors import TopologyError
+from ruyiflow.engine.errors import InvalidRequest, RuyiflowError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,10 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from router.scorer import make_scorer
-    from router.topology import RouterSpec, Topology
+    from ruyiflow.cluster.topology import RouterSpec, Topology
     from ruyiflow.evaluation.prompts import load_prompts
     from ruyiflow.evaluation.results import load_results
+    from ruyiflow.router.scorer import make_scorer
     from ruyiflow.scorer import calibrate as cal
     from ruyiflow.scorer.topology_edit import RouterUpdate, fragment, update_topology_text
 

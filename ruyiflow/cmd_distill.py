@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from engine.errors import InvalidRequest
+from ruyiflow.engine.errors import InvalidRequest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,8 +52,8 @@ def parse_exits(text: str) -> tuple[int, ...]:
 
 
 def report_overlay(args: argparse.Namespace, exits: tuple[int, ...]) -> Path | None:
-    from engine.checkpoint import EMBEDDED, EMBEDDED_EXTRA_EXITS, EMBEDDED_OVERLAY
-    from engine.distill.pipeline import OVERLAY_FILE
+    from ruyiflow.distill.pipeline import OVERLAY_FILE
+    from ruyiflow.engine.checkpoint import EMBEDDED, EMBEDDED_EXTRA_EXITS, EMBEDDED_OVERLAY
 
     if args.overlay is not None:
         return None if args.overlay == "none" else Path(args.overlay)
@@ -68,8 +68,8 @@ def run_report(args: argparse.Namespace, exits: tuple[int, ...]) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from engine.distill.pipeline import compare, held_out_samples, load_base
-    from engine.distill.quality import quality_table
+    from ruyiflow.distill.pipeline import compare, held_out_samples, load_base
+    from ruyiflow.distill.quality import quality_table
 
     loaded = load_base(args.model, exits)
     held = held_out_samples(loaded, args.out, args.prompts, args.max_new_tokens)
@@ -99,10 +99,10 @@ def run(args: argparse.Namespace) -> int:
         return run_report(args, exits)
     if args.out is None:
         raise InvalidRequest("--out DIR is required for training")
-    from engine.distill.corpus import CorpusSettings
-    from engine.distill.pipeline import distill
-    from engine.distill.quality import quality_table
-    from engine.distill.train import TrainSettings
+    from ruyiflow.distill.corpus import CorpusSettings
+    from ruyiflow.distill.pipeline import distill
+    from ruyiflow.distill.quality import quality_table
+    from ruyiflow.distill.train import TrainSettings
 
     corpus = CorpusSettings(tokens=args.tokens, max_new_tokens=args.max_new_tokens, seed=args.seed)
     train = TrainSettings(

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.errors import InvalidRequest, ModelMismatch
+from ruyiflow.engine.errors import InvalidRequest, ModelMismatch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     import torch
 
-    from engine.checkpoint import load_model
+    from ruyiflow.engine.checkpoint import load_model
     from ruyiflow.evaluation.runner import make_engine
 
     if args.threads is not None:
@@ -156,7 +156,7 @@ def run_routing(args: argparse.Namespace, prompts) -> int:
 
     overrides = {}
     if args.escalation_window is not None or args.escalation_threshold is not None:
-        from engine.serving.escalation import EscalationSettings
+        from ruyiflow.node.escalation import EscalationSettings
 
         base = routing.RoutingSetup().escalation
         overrides["escalation"] = EscalationSettings(

@@ -55,9 +55,9 @@ class ProgressBar:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.checkpoint import load_model
-    from engine.onnx.export import export_branch
     from ruyiflow.cmd_generate import parse_ids
+    from ruyiflow.engine.checkpoint import load_model
+    from ruyiflow.export.onnx_export import export_branch
 
     started = time.perf_counter()
     extra = parse_ids(args.extra_exits) if args.extra_exits else None

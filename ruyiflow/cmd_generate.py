@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from engine.errors import InvalidRequest
+from ruyiflow.engine.errors import InvalidRequest
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,7 +76,7 @@ def parse_ids(text: str) -> list[int]:
 
 
 def sampling_from_args(args: argparse.Namespace):
-    from engine.sampling_params import SamplingParams
+    from ruyiflow.engine.sampling_params import SamplingParams
 
     return SamplingParams(
         max_tokens=args.max_tokens,
@@ -91,7 +91,7 @@ def sampling_from_args(args: argparse.Namespace):
 
 
 def load_from_args(args: argparse.Namespace):
-    from engine.checkpoint import load_model
+    from ruyiflow.engine.checkpoint import load_model
 
     extra = parse_ids(args.extra_exits) if args.extra_exits else None
     return load_model(args.model, args.dtype, extra, overlay=args.overlay)
@@ -114,7 +114,7 @@ def engine_from_args(args: argparse.Namespace):
     """(engine, tokenizer) for the chosen backend; onnxruntime needs neither torch nor the
     checkpoint, only the export."""
     if args.backend == "onnxruntime":
-        from engine.ort_engine import open_export
+        from ruyiflow.engine.ort_engine import open_export
 
         if not args.onnx:
             raise InvalidRequest("--backend onnxruntime needs --onnx DIR (see export-onnx)")
@@ -123,7 +123,7 @@ def engine_from_args(args: argparse.Namespace):
         return engine, engine.tokenizer
     if args.onnx or args.providers:
         raise InvalidRequest("--onnx and --providers need --backend onnxruntime")
-    from engine.engine import Engine
+    from ruyiflow.engine.engine import Engine
 
     loaded = load_from_args(args)
     return Engine(loaded, max_batch=1), loaded.tokenizer

@@ -44,8 +44,8 @@ def describe(loaded) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.checkpoint import load_model
     from ruyiflow.cmd_generate import parse_ids
+    from ruyiflow.engine.checkpoint import load_model
 
     extra = parse_ids(args.extra_exits) if args.extra_exits else None
     info = describe(load_model(args.model, args.dtype, extra))

@@ -29,13 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def router_address(args: argparse.Namespace) -> str:
     if args.router:
         return args.router
-    from router.topology_yaml import load_topology
+    from ruyiflow.cluster.topology_yaml import load_topology
 
     return load_topology(args.topology).router.listen
 
 
 def run(args: argparse.Namespace) -> int:
-    from router.client import RouterClient, format_trace, trace_to_dict
+    from ruyiflow.router.client import RouterClient, format_trace, trace_to_dict
 
     options = dict(
         max_tokens=args.max_tokens,

@@ -30,9 +30,9 @@ def labelled(path: str, classes: tuple[int, ...] | None = None, label: str = "ag
     """(features [N, D], class indices [N], classes, conversations) of a results file."""
     import numpy as np
 
-    from engine.errors import InvalidRequest
-    from router.features import featurize_batch
+    from ruyiflow.engine.errors import InvalidRequest
     from ruyiflow.evaluation.results import answer_label, load_results
+    from ruyiflow.router.features import featurize_batch
 
     results = load_results(path)
     exits = tuple(results[0].exits)  # ascending, the same in every record
@@ -66,7 +66,7 @@ def latency_us(scorer, conversations: list) -> tuple[float, float]:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from router.learned_scorer import LearnedScorer
+    from ruyiflow.router.learned_scorer import LearnedScorer
     from ruyiflow.scorer.export import export_classifier
     from ruyiflow.scorer.train import TrainConfig, accuracy, train_classifier
 

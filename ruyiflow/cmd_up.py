@@ -45,7 +45,7 @@ def health(address: str, timeout: float = 1.0) -> str:
 
 def processes(topology_path: str) -> list[tuple[str, list[str], str]]:
     """(name, argv, gRPC address) of every process the topology runs here."""
-    from router.topology_yaml import load_topology
+    from ruyiflow.cluster.topology_yaml import load_topology
 
     topo = load_topology(topology_path)
     base = [sys.executable, "-m", "ruyiflow"]
@@ -102,8 +102,8 @@ class Cluster:
         """The router has polled every node healthy (its registry lags process health)."""
         import grpc
 
-        from proto import ruyiflow_pb2 as pb
-        from proto import ruyiflow_pb2_grpc as pb_grpc
+        from ruyiflow.proto import ruyiflow_pb2 as pb
+        from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
         router = [addr for name, _, addr in self.specs if name == "router"]
         if not router:
@@ -129,7 +129,7 @@ class Cluster:
 
 
 def demo(router_address: str) -> None:
-    from router.client import RouterClient, format_trace
+    from ruyiflow.router.client import RouterClient, format_trace
 
     with RouterClient(router_address) as client:
         for prompt in DEMO_PROMPTS:

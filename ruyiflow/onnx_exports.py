@@ -22,8 +22,8 @@ def export_fingerprint(path: Path) -> str | None:
 def prepare_exports(topology_path: str, quiet: bool = False) -> list[Path]:
     """Make every missing or stale export the topology's onnxruntime nodes need; returns the
     export directories made."""
-    from router.topology import onnx_dir_for
-    from router.topology_yaml import load_topology
+    from ruyiflow.cluster.topology import onnx_dir_for
+    from ruyiflow.cluster.topology_yaml import load_topology
 
     topo = load_topology(topology_path)
     made: list[Path] = []
@@ -42,7 +42,7 @@ def prepare_exports(topology_path: str, quiet: bool = False) -> list[Path]:
 
 
 def _load(spec):
-    from engine.checkpoint import load_model
+    from ruyiflow.engine.checkpoint import load_model
 
     return load_model(spec.path, "float32", spec.extra_exits or None, overlay=spec.overlay_arg)
 
@@ -52,7 +52,7 @@ def ensure_export(
 ) -> bool:
     """Export `exit_layer` of `model` (a LoadedModel) to `path` unless an export of the same
     model fingerprint is there; True when one was made. Shows a progress bar unless `quiet`."""
-    from engine.onnx.export import export_branch
+    from ruyiflow.export.onnx_export import export_branch
 
     if export_fingerprint(path) == model.fingerprint:
         return False

@@ -5,7 +5,7 @@
 
 protoc is run with `-I proto`, so the descriptor is registered as `ruyiflow.proto` (what
 reflection clients see) and the generated gRPC module says `import ruyiflow_pb2`; that import is
-rewritten to `from proto import ruyiflow_pb2` so the stubs work as the package `proto`.
+rewritten to `from ruyiflow.proto import ruyiflow_pb2` so the stubs work as `ruyiflow.proto`.
 
 Stubs depend on the grpcio-tools version that generated them (it stamps protobuf/grpc runtime
 version checks into them), so `--check` compares against the installed tools' output.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROTO = ROOT / "proto" / "ruyiflow.proto"
-PACKAGE = "proto"
+PACKAGE = "ruyiflow.proto"
 
 
 def generate(proto: Path, package: str = PACKAGE) -> dict[str, str]:

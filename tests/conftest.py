@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from engine.checkpoint import load_model
+    from ruyiflow.engine.checkpoint import load_model
 
     return load_model("smollm2", "float32")
 
@@ -19,7 +19,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_untrained():
     """SmolLM2 with its extra exits as untrained copies (no shipped overlay)."""
-    from engine.checkpoint import load_model
+    from ruyiflow.engine.checkpoint import load_model
 
     return load_model("smollm2", "float32", overlay="none")
 
@@ -28,9 +28,8 @@ def smollm2_untrained():
 def hf_smollm2():
     """transformers' own GGUF loader (dequantise + un-permute) as an independent oracle."""
     import torch
+    from ruyiflow.engine.checkpoint import embedded_gguf_path
     from transformers import AutoModelForCausalLM
-
-    from engine.checkpoint import embedded_gguf_path
 
     path = embedded_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(

@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from engine.engine import Engine
-from engine.sampling import SamplingParams
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.sampling import SamplingParams
 
 
 def ruyiflow(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

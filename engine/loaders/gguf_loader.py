@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from engine.config import ModelConfig, RopeConfig
-from engine.errors import ModelLoadError
+from ruyiflow.engine.config import ModelConfig, RopeConfig
+from ruyiflow.engine.errors import ModelLoadError
 
 LAYER_KEYS = {
     "attn_norm": "input_layernorm",

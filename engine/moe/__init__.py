@@ -15,6 +15,6 @@ dots.llm1 (`dots1`) and DeepSeek-V3 style with MLA (`deepseek_v3`, JoyAI-LLM Fla
 
 from __future__ import annotations
 
-from engine.moe.hf_config import MODEL_TYPES, is_moe_config
+from ruyiflow.engine.moe.hf_config import MODEL_TYPES, is_moe_config
 
 __all__ = ["MODEL_TYPES", "is_moe_config"]

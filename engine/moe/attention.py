@@ -13,10 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from engine.layers import Segment, attention
-from engine.moe.ops import head_rms, linear
-from engine.rope import apply_rope
+from ruyiflow.engine.layers import Segment, attention
+from ruyiflow.engine.moe.ops import head_rms, linear
+from ruyiflow.engine.rope import apply_rope
 
 
 @dataclass

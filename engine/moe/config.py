@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from engine.errors import InvalidRequest, ModelLoadError
+from ruyiflow.engine.errors import InvalidRequest, ModelLoadError
 
 FAMILIES = ("hunyuan_v1_moe", "dots1", "deepseek_v3")
 QK_NORMS = ("none", "before_rope", "after_rope")

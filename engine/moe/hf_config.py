@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.errors import ModelLoadError
-from engine.moe.config import MLAConfig, MoEConfig, MoERope
+from ruyiflow.engine.errors import ModelLoadError
+from ruyiflow.engine.moe.config import MLAConfig, MoEConfig, MoERope
 
 MODEL_TYPES = {
     "hunyuan_v1_moe": "hunyuan_v1_moe",

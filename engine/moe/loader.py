@@ -17,17 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ruyiflow.engine.errors import ModelLoadError
+from ruyiflow.engine.fingerprint import fingerprint
+from ruyiflow.engine.loaders.safetensors_loader import checkpoint_files
+from ruyiflow.engine.moe.config import MoEConfig
+from ruyiflow.engine.moe.hf_config import moe_config_from_hf
+from ruyiflow.engine.moe.memory import check_memory, estimate_memory
+from ruyiflow.engine.moe.model import MoEModel
+from ruyiflow.engine.moe.weights import build_layer
+from ruyiflow.engine.weights import KeyReader
 from safetensors import SafetensorError, safe_open
-
-from engine.errors import ModelLoadError
-from engine.fingerprint import fingerprint
-from engine.loaders.safetensors_loader import checkpoint_files
-from engine.moe.config import MoEConfig
-from engine.moe.hf_config import moe_config_from_hf
-from engine.moe.memory import check_memory, estimate_memory
-from engine.moe.model import MoEModel
-from engine.moe.weights import build_layer
-from engine.weights import KeyReader
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")

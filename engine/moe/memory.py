@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from engine.errors import ModelLoadError
-from engine.moe.config import MoEConfig
+from ruyiflow.engine.errors import ModelLoadError
+from ruyiflow.engine.moe.config import MoEConfig
 
 ENV_AVAILABLE = "RUYIFLOW_MEMORY_AVAILABLE"
 DEFAULT_CONTEXT = 4096  # when the caller names none (capped by max_position_embeddings)

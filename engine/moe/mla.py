@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from engine.layers import Segment, _causal_mask
-from engine.moe.config import LATENT_NORM_EPS, MLAConfig
-from engine.moe.ops import linear, rms
-from engine.rope import apply_rope
+from ruyiflow.engine.layers import Segment, _causal_mask
+from ruyiflow.engine.moe.config import LATENT_NORM_EPS, MLAConfig
+from ruyiflow.engine.moe.ops import linear, rms
+from ruyiflow.engine.rope import apply_rope
 
 
 @dataclass

@@ -14,17 +14,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from engine.errors import InvalidRequest
-from engine.layers import Segment
-from engine.model import Work
-from engine.moe.attention import GQAShape, GQAWeights, gqa_attention
-from engine.moe.cache import MoECache
-from engine.moe.config import MoEConfig
-from engine.moe.mla import MLAWeights, mla_attention
-from engine.moe.moe_block import DenseFFN, MoEFFN
-from engine.moe.ops import linear, rms
-from engine.moe.rope import rope_table, softmax_scale
+from ruyiflow.engine.errors import InvalidRequest
+from ruyiflow.engine.layers import Segment
+from ruyiflow.engine.model import Work
+from ruyiflow.engine.moe.attention import GQAShape, GQAWeights, gqa_attention
+from ruyiflow.engine.moe.cache import MoECache
+from ruyiflow.engine.moe.config import MoEConfig
+from ruyiflow.engine.moe.mla import MLAWeights, mla_attention
+from ruyiflow.engine.moe.moe_block import DenseFFN, MoEFFN
+from ruyiflow.engine.moe.ops import linear, rms
+from ruyiflow.engine.moe.rope import rope_table, softmax_scale
 
 
 @dataclass

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from engine.moe.ops import linear
-from kernels import fused_moe, route_experts
+from ruyiflow.engine.moe.ops import linear
+from ruyiflow.kernels import fused_moe, route_experts
 
 
 @dataclass

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from kernels import rms_norm
-from kernels.cpu_gemv import cpu_linear as linear
+from ruyiflow.kernels import rms_norm
+from ruyiflow.kernels.cpu_gemv import cpu_linear as linear
 
 __all__ = ["head_rms", "linear", "rms"]
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
-
-from engine.moe.config import MoERope
-from engine.rope import RopeTable
+from ruyiflow.engine.moe.config import MoERope
+from ruyiflow.engine.rope import RopeTable
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:

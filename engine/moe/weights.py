@@ -17,16 +17,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-
-from engine.moe.attention import GQAWeights
-from engine.moe.config import MoEConfig
-from engine.moe.mla import MLAWeights
-from engine.moe.model import MoELayer
-from engine.moe.moe_block import DenseFFN, MoEFFN, Routing
-from engine.moe.rope import deinterleave_rows
+from ruyiflow.engine.moe.attention import GQAWeights
+from ruyiflow.engine.moe.config import MoEConfig
+from ruyiflow.engine.moe.mla import MLAWeights
+from ruyiflow.engine.moe.model import MoELayer
+from ruyiflow.engine.moe.moe_block import DenseFFN, MoEFFN, Routing
+from ruyiflow.engine.moe.rope import deinterleave_rows
 
 if TYPE_CHECKING:
-    from engine.weights import KeyReader
+    from ruyiflow.engine.weights import KeyReader
 
 
 def _gate_up(keys: KeyReader, prefix: str, inter: int, hidden: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelLoadError, ModelMismatch
+from ruyiflow.engine.errors import ModelLoadError, ModelMismatch
 
 FORMAT = "ruyiflow-onnx-branch"
 FORMAT_VERSION = 1

@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-
-from engine.errors import InvalidRequest, ModelLoadError, RuyiflowError
-from engine.onnx.manifest import Manifest, check_files, check_identity, read_manifest
+from ruyiflow.engine.errors import InvalidRequest, ModelLoadError, RuyiflowError
+from ruyiflow.engine.onnx.manifest import Manifest, check_files, check_identity, read_manifest
 
 KV = tuple[np.ndarray, np.ndarray]
 
@@ -134,7 +133,7 @@ class OnnxBranch:
 
     def load_tokenizer(self):
         """The export's tokenizer (engine.tokenizer.Tokenizer; torch-free)."""
-        from engine.tokenizer import Tokenizer
+        from ruyiflow.engine.tokenizer import Tokenizer
 
         return Tokenizer.from_dir(self.path)
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.errors import InvalidRequest
+from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.evaluation.results import PromptResult, agreement, answer_match
 
 if TYPE_CHECKING:  # the runner imports torch; policies stay model-free

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InvalidRequest
+from ruyiflow.engine.errors import InvalidRequest
 
 CATEGORIES = ("chat", "facts", "arithmetic", "reasoning", "code")
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"

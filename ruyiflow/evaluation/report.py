@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from engine.errors import InvalidRequest
+from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.evaluation import metrics
 from ruyiflow.evaluation.policies import OperatingPoint, PolicyCurve, frontier
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InvalidRequest
+from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.evaluation.prompts import Prompt, prompt_from_dict, read_json_lines
 
 LABEL_AGREEMENT = 0.9

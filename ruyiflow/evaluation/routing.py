@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from engine.errors import InvalidRequest, RuyiflowError
-from engine.serving.escalation import EscalationSettings
+from ruyiflow.engine.errors import InvalidRequest, RuyiflowError
 from ruyiflow.evaluation.policies import (
     DEFAULT_CLOUD_ABOVE,
     Evaluator,
@@ -25,6 +24,7 @@ from ruyiflow.evaluation.policies import (
 )
 from ruyiflow.evaluation.prompts import Prompt
 from ruyiflow.evaluation.results import PromptResult
+from ruyiflow.node.escalation import EscalationSettings
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ class RoutingSetup:
 
     @classmethod
     def from_topology(cls, path: str, **overrides) -> RoutingSetup:
-        from router.errors import TopologyError
-        from router.topology import Topology
+        from ruyiflow.cluster.errors import TopologyError
+        from ruyiflow.cluster.topology import Topology
 
         try:
             topo = Topology.load(path)
@@ -114,11 +114,11 @@ def policy_curves(
 def load_scorer(name: str, path: str | None = None):
     """The heuristic v1 scorer, or the learned one from `path` (router.learned_scorer)."""
     if name == "heuristic":
-        from router.scorer import HeuristicScorer
+        from ruyiflow.router.scorer import HeuristicScorer
 
         return HeuristicScorer()
     try:
-        from router.learned_scorer import LearnedScorer
+        from ruyiflow.router.learned_scorer import LearnedScorer
     except ImportError as exc:
         raise RuyiflowError(f"the learned scorer is not available ({exc})") from exc
     return LearnedScorer(path)

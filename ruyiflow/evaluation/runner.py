@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from engine.engine import Engine
-from engine.errors import InvalidRequest
-from engine.sampling import SamplingParams
-from engine.serving.escalation import EscalationSettings, EscalationWatch
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.errors import InvalidRequest
+from ruyiflow.engine.sampling import SamplingParams
 from ruyiflow.evaluation.prompts import Prompt
+from ruyiflow.node.escalation import EscalationSettings, EscalationWatch
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.errors import InvalidRequest
-from router.policy import plan_route
-from router.topology import Threshold, Topology
+from ruyiflow.cluster.topology import Threshold, Topology
+from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.evaluation.prompts import Prompt
 from ruyiflow.evaluation.results import PromptResult
+from ruyiflow.router.policy import plan_route
 
 DIGITS = 6  # thresholds are written rounded; rounding is checked not to move any sample
 

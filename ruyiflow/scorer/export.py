@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from router.features import FEATURE_DIM, FEATURE_VERSION
-from router.learned_scorer import (
+from ruyiflow.router.features import FEATURE_DIM, FEATURE_VERSION
+from ruyiflow.router.learned_scorer import (
     INPUT_NAME,
     META_CLASSES,
     META_FEATURE_DIM,

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from engine.errors import RuyiflowError
-from router.topology import EscalationSpec, Threshold, Topology
-from router.topology_yaml import parse_topology
+from ruyiflow.cluster.topology import EscalationSpec, Threshold, Topology
+from ruyiflow.cluster.topology_yaml import parse_topology
+from ruyiflow.engine.errors import RuyiflowError
 
 
 def format_scalar(value: object) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.errors import InvalidRequest
+from ruyiflow.engine.errors import InvalidRequest
 
 
 @dataclass(frozen=True)

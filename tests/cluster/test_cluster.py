@@ -12,11 +12,10 @@ import urllib.request
 
 import grpc
 import pytest
-
-from engine.engine import Engine
-from engine.sampling import SamplingParams
-from proto import ruyiflow_pb2 as pb
-from router.client import RouterClient
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.sampling import SamplingParams
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.router.client import RouterClient
 
 EASY = "What is the capital of France?"
 HARD = (

@@ -6,12 +6,12 @@ own tokenizer. Greedy oracles: the MoE engine run locally on the same prompt and
 from __future__ import annotations
 
 import pytest
+from ruyiflow.engine.checkpoint import load_model
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.sampling import SamplingParams
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.router.client import RouterClient
 
-from engine.checkpoint import load_model
-from engine.engine import Engine
-from engine.sampling import SamplingParams
-from proto import ruyiflow_pb2 as pb
-from router.client import RouterClient
 from ruyiflow.cmd_up import Cluster
 from ruyiflow.local_cluster import free_ports
 from tests.moe.tiny_moe import save_moe

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from engine.errors import NodeUnavailable
-from engine.serving.metrics import NodeMetrics
-from engine.serving.servicer import NodeIdentity, NodeServicer
-from proto import ruyiflow_pb2 as pb
+from ruyiflow.engine.errors import NodeUnavailable
+from ruyiflow.node.metrics import NodeMetrics
+from ruyiflow.node.servicer import NodeIdentity, NodeServicer
+from ruyiflow.proto import ruyiflow_pb2 as pb
 
 
 def test_servicer_refuses_until_attached():

@@ -8,11 +8,11 @@ from __future__ import annotations
 import sys
 
 import pytest
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.sampling import SamplingParams
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.router.client import RouterClient
 
-from engine.engine import Engine
-from engine.sampling import SamplingParams
-from proto import ruyiflow_pb2 as pb
-from router.client import RouterClient
 from ruyiflow.cmd_up import Cluster
 from ruyiflow.local_cluster import free_ports
 from ruyiflow.onnx_exports import prepare_exports
@@ -85,8 +85,9 @@ def test_ort_edge_hands_hidden_state_to_torch_cloud(ort_cluster, smollm2):
 def test_a_stale_export_is_made_again(ort_cluster, smollm2):
     import json
 
-    from router.topology import onnx_dir_for
-    from router.topology_yaml import load_topology
+    from ruyiflow.cluster.topology import onnx_dir_for
+    from ruyiflow.cluster.topology_yaml import load_topology
+
     from ruyiflow.onnx_exports import export_fingerprint
 
     _, topo_path = ort_cluster

@@ -59,8 +59,8 @@ def prompts_file(tmp_path_factory) -> Path:
 
 
 def run_settings(steps: int = 20, seed: int = 0):
-    from engine.distill.corpus import CorpusSettings
-    from engine.distill.train import TrainSettings
+    from ruyiflow.distill.corpus import CorpusSettings
+    from ruyiflow.distill.train import TrainSettings
 
     corpus = CorpusSettings(tokens=400, max_new_tokens=16, seed=0, max_batch=8)
     train = TrainSettings(
@@ -82,7 +82,7 @@ def tiny_run(tiny_dir, prompts_file, tmp_path_factory):
     """A finished distillation of the tiny model: (result, out dir)."""
     import torch
 
-    from engine.distill.pipeline import distill
+    from ruyiflow.distill.pipeline import distill
 
     out = tmp_path_factory.mktemp("distill-out")
     corpus, train = run_settings()

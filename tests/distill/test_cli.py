@@ -6,8 +6,8 @@ import argparse
 import json
 
 import pytest
+from ruyiflow.engine.errors import InvalidRequest
 
-from engine.errors import InvalidRequest
 from ruyiflow import cmd_distill
 
 

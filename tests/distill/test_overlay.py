@@ -7,17 +7,18 @@ import json
 
 import pytest
 import torch
+from ruyiflow.engine.checkpoint import load_model
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.errors import ModelLoadError, ModelMismatch
+from ruyiflow.engine.model import Work
+from ruyiflow.engine.overlay import FORMAT, read_overlay
+from ruyiflow.engine.sampling import SamplingParams
 from safetensors.torch import save_file
 
-from engine.checkpoint import load_model
-from engine.distill.branch import BranchWeights, branch_forward
-from engine.distill.corpus import Sample
-from engine.distill.features import boundary_states
-from engine.distill.overlay import FORMAT, read_overlay, save_overlay
-from engine.engine import Engine
-from engine.errors import ModelLoadError, ModelMismatch
-from engine.model import Work
-from engine.sampling import SamplingParams
+from ruyiflow.distill.branch import BranchWeights, branch_forward
+from ruyiflow.distill.corpus import Sample
+from ruyiflow.distill.features import boundary_states
+from ruyiflow.distill.overlay import save_overlay
 from tests.distill.conftest import EXITS
 
 IDS = [1, 45, 200, 7, 19, 88, 3, 150, 61, 12]
@@ -35,7 +36,7 @@ def test_round_trip_equals_trained_branches(tiny_run, tiny_dir):
     trained = load_model(str(tiny_dir), extra_exits=list(EXITS), overlay=result.overlay)
     assert trained.overlay == str(result.overlay)
     # the trained deltas, run unmerged through the training forward, give the loaded logits
-    from engine.distill.branch import LoraBranch
+    from ruyiflow.distill.branch import LoraBranch
 
     h = boundary_states(base.model, [Sample(IDS + [0], 1)])[0]
     for e in EXITS:

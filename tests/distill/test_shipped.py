@@ -3,11 +3,12 @@ closer to the last one on held-out prompts (prompts never trained on)."""
 
 from __future__ import annotations
 
-from engine.checkpoint import EMBEDDED_EXTRA_EXITS, EMBEDDED_OVERLAY, load_model
-from engine.distill.corpus import chat_ids, generate_many, read_prompts, split_prompts
-from engine.distill.overlay import read_overlay
-from engine.distill.quality import exit_quality, trunk_states
-from engine.sampling import SamplingParams
+from ruyiflow.engine.checkpoint import EMBEDDED_EXTRA_EXITS, EMBEDDED_OVERLAY, load_model
+from ruyiflow.engine.overlay import read_overlay
+from ruyiflow.engine.sampling import SamplingParams
+
+from ruyiflow.distill.corpus import chat_ids, generate_many, read_prompts, split_prompts
+from ruyiflow.distill.quality import exit_quality, trunk_states
 
 
 def test_shipped_overlay_is_small_and_made_for_the_default_exits():

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ruyiflow.engine.checkpoint import load_model
+from ruyiflow.engine.errors import InvalidRequest
 
-from engine.checkpoint import load_model
-from engine.distill.corpus import build_corpus, read_prompts
-from engine.distill.features import FeatureBuilder, compute_features
-from engine.distill.train import Trainer, TrainSettings, batch_indices, lr_at, mean_kl
-from engine.errors import InvalidRequest
+from ruyiflow.distill.corpus import build_corpus, read_prompts
+from ruyiflow.distill.features import FeatureBuilder, compute_features
+from ruyiflow.distill.train import Trainer, TrainSettings, batch_indices, lr_at, mean_kl
 from tests.distill.conftest import EXITS, one_thread, run_settings
 
 

@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
-from engine.engine import Engine
-from engine.sampling import SamplingParams
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.sampling import SamplingParams
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 1690]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ruyiflow.engine.checkpoint import load_model
+from ruyiflow.engine.model import Work
 
-from engine.checkpoint import load_model
-from engine.model import Work
 from tests import tiny
 
 IDS = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 1690, 17, 45, 99, 1000, 2000, 3000]

@@ -25,7 +25,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
-    from engine.checkpoint import load_model
+    from ruyiflow.engine.checkpoint import load_model
 
     return load_model(str(tiny_dir))
 

@@ -6,8 +6,8 @@ import argparse
 import json
 
 import pytest
+from ruyiflow.engine.errors import InvalidRequest, ModelMismatch
 
-from engine.errors import InvalidRequest, ModelMismatch
 from ruyiflow import cmd_eval
 from ruyiflow.evaluation.results import load_results
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import io
 
-from engine.engine import Engine
-from engine.sampling import SamplingParams
-from engine.serving.escalation import EscalationSettings
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.sampling import SamplingParams
+from ruyiflow.node.escalation import EscalationSettings
+
 from ruyiflow.evaluation.prompts import load_prompts
 from ruyiflow.evaluation.runner import Progress, prompt_ids, run_escalation, run_exits
 

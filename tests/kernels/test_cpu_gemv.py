@@ -18,9 +18,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
-from kernels import cpu_gemv
-from kernels.cpu_gemv import cpu_linear
+from ruyiflow.kernels import cpu_gemv
+from ruyiflow.kernels.cpu_gemv import cpu_linear
 
 # (out, in): in not a multiple of 16/32, one or several chunks of `in` (float32 M >= 5 at 1536,
 # M = 16 at 576; 5000 at every M > 1), a single output, a tall LM-head-like matrix.
@@ -123,7 +122,7 @@ def test_row_alone_equals_row_in_batch_bitwise(kernel_only, dtype, shape) -> Non
     batch16 = cpu_linear(x, w, b)
     batch8 = cpu_linear(x[:8].contiguous(), w, b)
     assert torch.equal(batch8, batch16[:8])
-    from kernels import cpu_gemv
+    from ruyiflow.kernels import cpu_gemv
 
     try:
         for num_threads in (1, 2):

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from ruyiflow.kernels.exit_confidence import exit_confidence, exit_confidence_reference
 
-import kernels
-from kernels.exit_confidence import exit_confidence, exit_confidence_reference
+from ruyiflow import kernels
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NEG_INF = float("-inf")
@@ -126,7 +126,7 @@ def test_launcher_rejects_bad_inputs(logits, block, message) -> None:
 def test_kernel_compiles_for_hopper(sm90_compile) -> None:
     jobs = [
         dict(
-            module="kernels.exit_confidence",
+            module="ruyiflow.kernels.exit_confidence",
             kernel="exit_confidence_kernel",
             signature={
                 "logits_ptr": f"*{dtype}",

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from ruyiflow.kernels.fused_moe import fused_moe, fused_moe_reference, moe_align_block_size
+from ruyiflow.kernels.moe_routing import route_experts, route_experts_reference
 
-import kernels
-from kernels.fused_moe import fused_moe, fused_moe_reference, moe_align_block_size
-from kernels.moe_routing import route_experts, route_experts_reference
+from ruyiflow import kernels
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -350,7 +350,7 @@ def test_kernels_compile_for_hopper(sm90_compile) -> None:
         A_ROW_DIV=1, SWIGLU=False, MUL_ROUTED_WEIGHT=True, BLOCK_M=64, BLOCK_K=64, GROUP_M=8
     )
     moe = dict(
-        module="kernels.fused_moe",
+        module="ruyiflow.kernels.fused_moe",
         kernel="fused_moe_kernel",
         options={"num_warps": 4, "num_stages": 3},
     )
@@ -378,7 +378,7 @@ def test_kernels_compile_for_hopper(sm90_compile) -> None:
         SIGMOID=False, HAS_BIAS=False, NUM_GROUPS=1, TOPK_GROUPS=1, BLOCK_E=64, BLOCK_G=1
     )
     route = dict(
-        module="kernels.moe_routing",
+        module="ruyiflow.kernels.moe_routing",
         kernel="route_experts_kernel",
         signature=route_signature,
         options={"num_warps": 4},

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
+from ruyiflow.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 
-import kernels
-from kernels.rmsnorm import rmsnorm, rmsnorm_reference
+from ruyiflow import kernels
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = [(1, 64), (3, 100), (2, 5, 96), (37, 257)]
@@ -113,7 +113,7 @@ def test_public_function_dispatch(monkeypatch, triton_path) -> None:
 
 
 def test_missing_triton_falls_back_to_reference(monkeypatch, triton_path) -> None:
-    from kernels import dispatch
+    from ruyiflow.kernels import dispatch
 
     x, _, weight = inputs((2, 64), torch.float32)
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
@@ -165,7 +165,7 @@ def test_kernel_compiles_for_hopper(sm90_compile) -> None:
         constexprs = {"HAS_RESIDUAL": residual, "BLOCK_H": 4096}
         jobs.append(
             dict(
-                module="kernels.rmsnorm",
+                module="ruyiflow.kernels.rmsnorm",
                 kernel="rmsnorm_kernel",
                 signature=signature,
                 constexprs=constexprs,

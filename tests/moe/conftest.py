@@ -30,7 +30,7 @@ VARIANTS = {
 @pytest.fixture(scope="session")
 def tiny_moe(tmp_path_factory):
     """Build on first request: variant -> (checkpoint dir, transformers model, LoadedModel)."""
-    from engine.checkpoint import load_model
+    from ruyiflow.engine.checkpoint import load_model
 
     built: dict[str, tuple] = {}
 

@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 import torch
+from ruyiflow.engine.checkpoint import load_model
+from ruyiflow.engine.errors import InvalidRequest, ModelLoadError
+from ruyiflow.engine.moe.hf_config import moe_config_from_hf
+from ruyiflow.engine.moe.rope import inv_frequencies
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import load_model
-from engine.errors import InvalidRequest, ModelLoadError
-from engine.moe.hf_config import moe_config_from_hf
-from engine.moe.rope import inv_frequencies
 from tests.moe.test_parity import IDS, TOL, ours
 from tests.moe.tiny_moe import hf_logits
 
@@ -239,8 +239,8 @@ def test_hunyuan_fused_qkv_and_up_gate_layouts(tiny_moe, tmp_path):
 
 
 def test_single_exit_and_tokens_only_handoff(tiny_moe):
-    from engine.engine import Engine
-    from engine.sampling import SamplingParams
+    from ruyiflow.engine.engine import Engine
+    from ruyiflow.engine.sampling import SamplingParams
 
     path, _, loaded = tiny_moe("deepseek_v3")
     last = loaded.config.last_exit
@@ -263,7 +263,7 @@ def test_single_exit_and_tokens_only_handoff(tiny_moe):
 def test_example_topology_places_the_moe_node_at_its_last_layer():
     from pathlib import Path
 
-    from router.topology import Topology
+    from ruyiflow.cluster.topology import Topology
 
     topology = Topology.load(Path(__file__).parents[2] / "deploy" / "topology-moe.yaml")
     last = moe_config_from_hf(HUNYUAN_A13B).last_exit

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.model import Work
+from ruyiflow.engine.sampling import SamplingParams
 
-from engine.engine import Engine
-from engine.model import Work
-from engine.sampling import SamplingParams
 from tests.moe.conftest import VARIANTS
 from tests.moe.tiny_moe import hf_greedy, hf_logits
 
@@ -125,7 +125,7 @@ def test_chunked_prefill_and_cache_growth(tiny_moe, variant):
 @pytest.mark.parametrize("variant", ["hunyuan_v1_moe", "dots1", "deepseek_v3"])
 def test_bfloat16_serving_stays_close(tiny_moe, variant):
     """bfloat16 weights and cache (router and correction bias stay float32)."""
-    from engine.checkpoint import load_model
+    from ruyiflow.engine.checkpoint import load_model
 
     path, ref, _ = tiny_moe(variant)
     loaded = load_model(str(path), "bfloat16")

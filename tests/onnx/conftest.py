@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.onnx.export import export_branch
+from ruyiflow.export.onnx_export import export_branch
 
 
 @pytest.fixture(scope="session")

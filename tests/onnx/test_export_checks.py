@@ -15,15 +15,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from ruyiflow.engine.checkpoint import load_model
+from ruyiflow.engine.errors import InvalidRequest, ModelLoadError, ModelMismatch
+from ruyiflow.engine.onnx.manifest import MANIFEST_FILE
+from ruyiflow.engine.onnx.runtime import OnnxBranch
+from ruyiflow.engine.tokenizer import Tokenizer
 
-from engine.checkpoint import load_model
-from engine.errors import InvalidRequest, ModelLoadError, ModelMismatch
-from engine.onnx.export import export_branch, write_model
-from engine.onnx.graph import build_branch_graph
-from engine.onnx.manifest import MANIFEST_FILE
-from engine.onnx.runtime import OnnxBranch
-from engine.tokenizer import Tokenizer
 from ruyiflow import cmd_export_onnx
+from ruyiflow.export.onnx_export import export_branch, write_model
+from ruyiflow.export.onnx_graph import build_branch_graph
 from tests import tiny
 from tests.onnx.util import ort_run
 

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.sampling_params import SamplingParams
 
-from engine.engine import Engine
-from engine.sampling_params import SamplingParams
 from ruyiflow.cli import main
 
 PROMPT = "What is the capital of France?"

@@ -4,9 +4,8 @@ missing or exported from another model than the topology names."""
 from __future__ import annotations
 
 import pytest
-
-from engine.errors import ModelLoadError, ModelMismatch
-from engine.ort_engine import open_ort_engine
+from ruyiflow.engine.errors import ModelLoadError, ModelMismatch
+from ruyiflow.engine.ort_engine import open_ort_engine
 
 
 def test_node_exports_are_checked(smol_dir, tmp_path):

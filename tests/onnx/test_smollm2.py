@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.model import Work
+from ruyiflow.engine.onnx.runtime import OnnxBranch
+from ruyiflow.engine.sampling import SamplingParams
 
-from engine.engine import Engine
-from engine.model import Work
-from engine.onnx.runtime import OnnxBranch
-from engine.sampling import SamplingParams
 from tests.onnx.util import assert_cache_equal, ort_run, torch_run
 
 IDS = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 1690, 17, 45, 99, 1000, 2000, 3000]

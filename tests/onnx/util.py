@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from engine.model import Work
+from ruyiflow.engine.model import Work
 
 
 def chunks(ids: list[int], split: int | list[int]) -> list[list[int]]:

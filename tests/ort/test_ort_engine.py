@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.errors import InvalidRequest, ModelMismatch
+from ruyiflow.engine.handoff import decode_state
+from ruyiflow.engine.ort_engine import OrtEngine
+from ruyiflow.engine.sampling_params import SamplingParams
 
-from engine.engine import Engine
-from engine.errors import InvalidRequest, ModelMismatch
-from engine.handoff import decode_state
-from engine.ort_engine import OrtEngine
-from engine.sampling_params import SamplingParams
 from tests.ort.torch_branch import TorchBranch
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "2+2="]

@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from engine import sampling as st
-from engine import sampling_np as sn
-from engine.ngrams import NgramIndex
-from engine.sampling_params import SamplingParams
-from kernels import exit_confidence
+from ruyiflow.engine import sampling as st
+from ruyiflow.engine import sampling_np as sn
+from ruyiflow.engine.ngrams import NgramIndex
+from ruyiflow.engine.sampling_params import SamplingParams
+from ruyiflow.kernels import exit_confidence
 
 PARAMS = [
     SamplingParams(),

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from engine.checkpoint import LoadedModel
-from engine.model import Work
+from ruyiflow.engine.checkpoint import LoadedModel
+from ruyiflow.engine.model import Work
 
 
 class TorchBranch:

@@ -7,10 +7,11 @@ import random
 import socket
 from collections.abc import Sequence
 
-from router.client import RouterClient
-from router.daemon import RouterDaemon
-from router.topology import Topology
-from router.topology_yaml import parse_topology
+from ruyiflow.cluster.topology import Topology
+from ruyiflow.cluster.topology_yaml import parse_topology
+from ruyiflow.router.client import RouterClient
+from ruyiflow.router.daemon import RouterDaemon
+
 from tests.router.fake_node import FakeNode
 
 DEFAULT_NODES = (

@@ -18,10 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
-
-from proto import ruyiflow_pb2 as pb
-from proto import ruyiflow_pb2_grpc as pb_grpc
-from router.grpc_server import GrpcServer, serve_grpc, service_name
+from ruyiflow.cluster.grpc_server import GrpcServer, serve_grpc, service_name
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
 FINGERPRINT = "fp-smollm2-test"
 MODEL_EXITS = (12, 16, 20, 24, 29)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from proto import ruyiflow_pb2 as pb
-from proto import ruyiflow_pb2_grpc as pb_grpc
-from router.client import RouterClient, StreamGapError, build_request, format_trace, trace_to_dict
-from router.grpc_server import serve_grpc
+from ruyiflow.cluster.grpc_server import serve_grpc
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
+from ruyiflow.router.client import (
+    RouterClient,
+    StreamGapError,
+    build_request,
+    format_trace,
+    trace_to_dict,
+)
 
 TRACE = pb.RouteTrace(
     spans=[

@@ -11,10 +11,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from router.errors import InvalidRequest, NodeUnavailable, Overloaded
-from router.grpc_errors import UpstreamStatus, internal_details
-from router.grpc_server import Admission, serve_grpc, service_name
+from ruyiflow.cluster.errors import InvalidRequest, NodeUnavailable, Overloaded
+from ruyiflow.cluster.grpc_errors import UpstreamStatus, internal_details
+from ruyiflow.cluster.grpc_server import Admission, serve_grpc, service_name
 
 SERVICE = "test.Echo"
 
@@ -115,7 +114,7 @@ def test_success_passes_through(echo, shape) -> None:
 
 def test_unexpected_errors_are_logged_with_traceback(echo, caplog) -> None:
     _, channel = echo
-    with caplog.at_level(logging.ERROR, logger="router.grpc_errors"):
+    with caplog.at_level(logging.ERROR, logger="ruyiflow.cluster.grpc_errors"):
         with pytest.raises(grpc.RpcError):
             call(channel, "Unary", b"boom")
     assert any(r.exc_info and "Unary" in r.getMessage() for r in caplog.records)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from router.errors import InvalidRequest, ModelMismatch
-from router.policy import choose_handoff_mode, hidden_state_bytes
+from ruyiflow.cluster.errors import InvalidRequest, ModelMismatch
+from ruyiflow.router.policy import choose_handoff_mode, hidden_state_bytes
 
 # SmolLM2-135M: hidden 576, 3 KV heads of 64; escalating from exit 16 to exit 20 (21 layers).
 SHAPE = dict(hidden_size=576, trunk_layers=16, kv_heads=3, head_dim=64, dtype_bytes=4)

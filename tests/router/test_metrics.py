@@ -8,8 +8,7 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from router.metrics import RouterMetrics
+from ruyiflow.router.metrics import RouterMetrics
 
 NODES = ("edge-0", "cloud-0")
 EXITS = (12, 16, 20, 24, 29)

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from router.errors import (
+from ruyiflow.cluster.errors import (
     InvalidRequest,
     ModelMismatch,
     NodeUnavailable,
@@ -18,7 +17,8 @@ from router.errors import (
     TopologyError,
     status_code_for,
 )
-from router.policy import (
+from ruyiflow.cluster.topology import Topology
+from ruyiflow.router.policy import (
     NodeLoad,
     Overrides,
     choose_exit,
@@ -28,7 +28,6 @@ from router.policy import (
     plan_route,
     threshold_exit,
 )
-from router.topology import Topology
 
 TOPOLOGY = Topology.load(Path(__file__).resolve().parents[2] / "topology.yaml")
 THRESHOLDS = TOPOLOGY.router.thresholds

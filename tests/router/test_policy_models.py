@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from router.errors import TopologyError
-from router.policy import Overrides, plan_escalation, plan_escalation_across, plan_route
-from router.topology import Topology
-from router.topology_yaml import parse_topology
+from ruyiflow.cluster.errors import TopologyError
+from ruyiflow.cluster.topology import Topology
+from ruyiflow.cluster.topology_yaml import parse_topology
+from ruyiflow.router.policy import Overrides, plan_escalation, plan_escalation_across, plan_route
 
 ROOT = Path(__file__).resolve().parents[2]
 MOE = Topology.load(ROOT / "deploy" / "topology-moe.yaml")
@@ -88,9 +87,9 @@ def test_other_model_may_take_a_middle_band() -> None:
 
 
 def test_a_node_of_another_model_gets_the_relayed_text_and_what_is_left() -> None:
-    from proto import ruyiflow_pb2 as pb
-    from router.errors import InvalidRequest
-    from router.requests import node_request, validate_request
+    from ruyiflow.cluster.errors import InvalidRequest
+    from ruyiflow.proto import ruyiflow_pb2 as pb
+    from ruyiflow.router.requests import node_request, validate_request
 
     request = pb.GenerateRequest(text="hello")
     request.sampling.max_tokens = 10

@@ -1,4 +1,4 @@
-"""The checked-in stubs are current, `--check` catches stale ones, and they import as `proto`."""
+"""The checked-in stubs are current, `--check` catches stale ones, and they import as a package."""
 
 from __future__ import annotations
 
@@ -43,11 +43,11 @@ def test_check_fails_on_a_modified_copy(tmp_path: Path) -> None:
 
 
 def test_stubs_import_as_package() -> None:
-    from proto import ruyiflow_pb2 as pb
-    from proto import ruyiflow_pb2_grpc as pb_grpc
+    from ruyiflow.proto import ruyiflow_pb2 as pb
+    from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
     grpc_source = (ROOT / "proto" / "ruyiflow_pb2_grpc.py").read_text()
-    assert "from proto import ruyiflow_pb2 as" in grpc_source
+    assert "from ruyiflow.proto import ruyiflow_pb2 as" in grpc_source
     router = pb.DESCRIPTOR.services_by_name["Router"]
     node = pb.DESCRIPTOR.services_by_name["Node"]
     assert pb.DESCRIPTOR.package == "ruyiflow.v1"
@@ -61,7 +61,7 @@ def test_stubs_import_as_package() -> None:
 
 
 def test_presence_and_round_trip() -> None:
-    from proto import ruyiflow_pb2 as pb
+    from ruyiflow.proto import ruyiflow_pb2 as pb
 
     request = pb.GenerateRequest(request_id="r1", text="hi")
     assert not request.overrides.HasField("exit")

@@ -15,9 +15,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from ruyiflow.router.client import RouterClient
+from ruyiflow.router.daemon import RouterDaemon, main, run_router
 
-from router.client import RouterClient
-from router.daemon import RouterDaemon, main, run_router
 from tests.router.cluster import (
     DEFAULT_NODES,
     EASY_PROMPT,
@@ -162,7 +162,7 @@ def test_sigterm_drains_and_exits(tmp_path) -> None:
     path = tmp_path / "topology.yaml"
     path.write_text(topology_text(DEFAULT_NODES, ports))
     process = subprocess.Popen(
-        [sys.executable, "-m", "router.daemon", "--topology", str(path)],
+        [sys.executable, "-m", "ruyiflow.router.daemon", "--topology", str(path)],
         stderr=subprocess.PIPE,
         text=True,
     )

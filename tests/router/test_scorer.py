@@ -5,8 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from router.scorer import HeuristicScorer, Scorer, make_scorer, register_scorer, scorer_names
+from ruyiflow.router.scorer import (
+    HeuristicScorer,
+    Scorer,
+    make_scorer,
+    register_scorer,
+    scorer_names,
+)
 
 EASY = ["Hi!", "What is the capital of France?", "Hello, how are you?", "Tell me a joke."]
 HARD = [

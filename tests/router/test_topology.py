@@ -7,11 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
-
-from router.errors import TopologyError
-from router.topology import LinkSpec, NodeSpec, Threshold, Topology
-from router.topology_yaml import parse_topology
-from router.units import parse_address, parse_bandwidth
+from ruyiflow.cluster.errors import TopologyError
+from ruyiflow.cluster.topology import LinkSpec, NodeSpec, Threshold, Topology
+from ruyiflow.cluster.topology_yaml import parse_topology
+from ruyiflow.cluster.units import parse_address, parse_bandwidth
 
 SHIPPED = Path(__file__).resolve().parents[2] / "topology.yaml"
 BASE = SHIPPED.read_text()

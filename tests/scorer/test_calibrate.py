@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from ruyiflow.cluster.topology import Threshold, Topology
+from ruyiflow.engine.errors import InvalidRequest
+from ruyiflow.router.policy import plan_route
 
-from engine.errors import InvalidRequest
-from router.policy import plan_route
-from router.topology import Threshold, Topology
 from ruyiflow import cmd_calibrate
 from ruyiflow.evaluation.prompts import load_prompts
 from ruyiflow.evaluation.results import load_results
@@ -83,7 +83,7 @@ def _sample(tmp_path: Path, num_per_exit: int = 12):
 
 @pytest.mark.parametrize("target", [0.0, 0.25, 0.5])
 def test_escalation_hits_the_target_share(tmp_path, target) -> None:
-    from router.scorer import HeuristicScorer
+    from ruyiflow.router.scorer import HeuristicScorer
 
     _, prompts, results = _sample(tmp_path)
     topology = Topology.load(REPO_TOPOLOGY)
@@ -95,7 +95,7 @@ def test_escalation_hits_the_target_share(tmp_path, target) -> None:
     assert abs(esc.escalation_share - target) <= 1 / esc.num_edge
     assert 0.0 < esc.threshold < 1.0
     # replay the node's rule (EscalationWatch) on the edge prompts' max_prob at their exit
-    from engine.serving.escalation import EscalationSettings, EscalationWatch
+    from ruyiflow.node.escalation import EscalationSettings, EscalationWatch
 
     by_id = {r.id: r for r in results}
     escalated = 0

@@ -8,9 +8,9 @@ import random
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from ruyiflow.router.learned_scorer import LearnedScorer
+from ruyiflow.router.metrics import RouterMetrics
 
-from router.learned_scorer import LearnedScorer
-from router.metrics import RouterMetrics
 from tests.router.cluster import Cluster
 from tests.scorer.synthetic import make_prompt
 
@@ -62,7 +62,7 @@ def test_live_router_with_learned_scorer_moves_the_share(trained) -> None:
 
 
 def test_router_exports_the_configured_target(trained) -> None:
-    from router.service import RouterServicer
+    from ruyiflow.router.service import RouterServicer
 
     cluster = Cluster()
     try:

@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
-
-from router.features import (
+from ruyiflow.router.features import (
     DENSE_NAMES,
     FEATURE_DIM,
     MAX_FEATURE_CHARS,
@@ -20,6 +19,7 @@ from router.features import (
     tail_messages,
     user_prompt,
 )
+
 from tests.router.cluster import EASY_PROMPT, HARD_PROMPT
 
 CONVERSATIONS = [

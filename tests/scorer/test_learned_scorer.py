@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from ruyiflow.engine.errors import ModelLoadError
+from ruyiflow.router.features import FEATURE_DIM, featurize_batch, user_prompt
+from ruyiflow.router.learned_scorer import META_FEATURE_DIM, META_FEATURE_VERSION, LearnedScorer
+from ruyiflow.router.scorer import make_scorer, scorer_names
 
-from engine.errors import ModelLoadError
-from router.features import FEATURE_DIM, featurize_batch, user_prompt
-from router.learned_scorer import META_FEATURE_DIM, META_FEATURE_VERSION, LearnedScorer
-from router.scorer import make_scorer, scorer_names
 from tests.scorer.synthetic import EXITS, make_prompt
 
 
@@ -135,7 +135,8 @@ def test_router_imports_learned_scorer_without_torch(trained) -> None:
 def test_train_scorer_command(results_files, tmp_path, capsys) -> None:
     import argparse
 
-    from engine.errors import InvalidRequest
+    from ruyiflow.engine.errors import InvalidRequest
+
     from ruyiflow import cmd_train_scorer
     from tests.scorer.synthetic import make_records, write_jsonl
 

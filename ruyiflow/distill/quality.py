@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from engine.distill.corpus import Sample
-from engine.distill.features import answer_rows, boundary_states, exit_logits, sample_groups
-from engine.model import FamilyModel
+from ruyiflow.distill.corpus import Sample
+from ruyiflow.distill.features import answer_rows, boundary_states, exit_logits, sample_groups
+from ruyiflow.engine.model import FamilyModel
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from router.errors import TopologyError
-from router.units import format_address, parse_address
+from ruyiflow.cluster.errors import TopologyError
+from ruyiflow.cluster.units import format_address, parse_address
 
 TIERS = ("edge", "cloud")  # shallow first: ties go to the cheaper tier
 DTYPES = ("float32", "bfloat16", "float16")
@@ -322,7 +322,7 @@ class Topology:
     @classmethod
     def load(cls, path: str | Path) -> Topology:
         """Load and validate a topology.yaml (errors carry file:line:column)."""
-        from router.topology_yaml import load_topology
+        from ruyiflow.cluster.topology_yaml import load_topology
 
         return load_topology(path)
 

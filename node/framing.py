@@ -7,9 +7,9 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Iterator
 
-from engine.errors import HandoffError
-from engine.handoff_meta import peek_metadata
-from proto import ruyiflow_pb2 as pb
+from ruyiflow.engine.errors import HandoffError
+from ruyiflow.engine.handoff_meta import peek_metadata
+from ruyiflow.proto import ruyiflow_pb2 as pb
 
 MODE_NAMES = {pb.HANDOFF_MODE_HIDDEN: "hidden", pb.HANDOFF_MODE_TOKENS: "tokens"}
 MODE_ENUMS = {v: k for k, v in MODE_NAMES.items()}

@@ -1,4 +1,4 @@
-"""Exit overlays: trained branch deltas stored apart from the base weights.
+"""Exit overlays at load time: trained branch deltas stored apart from the base weights.
 
 One safetensors file holds, per trained exit `e`, LoRA factors `exit.{e}.{proj}.lora_A` [r, in]
 and `exit.{e}.{proj}.lora_B` [out, r] for the seven projections of the branch layer, and the full
@@ -6,6 +6,9 @@ norm vectors `exit.{e}.{input_norm|post_norm|norm}.weight` [hidden]. Its metadat
 the format and version, the fingerprint of the base model it was trained on, the exits, the
 rank and the LoRA scale. Applying it merges W + scale * B @ A into a new copy of each exit's
 branch layer; the trunk and every other exit keep their tensors.
+
+Reading and merging live here (every model load may apply one); writing and training live in
+`ruyiflow.distill`, which serving never imports.
 """
 
 from __future__ import annotations
@@ -17,10 +20,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ruyiflow.engine.errors import ModelLoadError, ModelMismatch
+from ruyiflow.engine.layers import Geometry, LayerWeights
+from ruyiflow.engine.model import Branch, FamilyModel
 
-from engine.distill.branch import NORMS, PROJECTIONS, LoraBranch, merged_branch, projection_weight
-from engine.errors import ModelLoadError, ModelMismatch
-from engine.model import FamilyModel
+# projection -> (fused LayerWeights field, index of its block of rows within that field)
+PROJECTIONS = {
+    "q_proj": ("w_qkv", 0),
+    "k_proj": ("w_qkv", 1),
+    "v_proj": ("w_qkv", 2),
+    "o_proj": ("w_o", 0),
+    "gate_proj": ("w_gate_up", 0),
+    "up_proj": ("w_gate_up", 1),
+    "down_proj": ("w_down", 0),
+}
+# trained norm vectors: the branch layer's two norms and the exit's final norm
+NORMS = ("input_norm", "post_norm", "norm")
+
+
+def row_blocks(field: str, geo: Geometry, rows: int) -> list[int]:
+    """Row counts of the projections fused in `field` ([q, k, v] or [gate, up])."""
+    if field == "w_qkv":
+        kv = geo.num_kv_heads * geo.head_dim
+        return [geo.num_heads * geo.head_dim, kv, kv]
+    if field == "w_gate_up":
+        return [rows // 2, rows // 2]
+    return [rows]
+
+
+def projection_weight(layer: LayerWeights, name: str, geo: Geometry) -> torch.Tensor:
+    """The [out, in] weight of one HF projection, a view into the fused tensor."""
+    field, block = PROJECTIONS[name]
+    weight = getattr(layer, field)
+    sizes = row_blocks(field, geo, weight.shape[0])
+    return weight.split(sizes)[block]
+
 
 FORMAT = "ruyiflow-exit-overlay"
 FORMAT_VERSION = 1
@@ -94,33 +128,42 @@ class Overlay:
         return self.tensors[key]
 
 
-def overlay_tensors(loras: dict[int, LoraBranch]) -> dict[str, torch.Tensor]:
-    """Trained deltas -> overlay tensor dict (float32)."""
-    out = {}
-    for e, lora in sorted(loras.items()):
-        a, b, norms = lora.factors()
-        for n in PROJECTIONS:
-            out[f"exit.{e}.{n}.lora_A"] = a[n]
-            out[f"exit.{e}.{n}.lora_B"] = b[n]
-        for n in NORMS:
-            out[f"exit.{e}.{n}.weight"] = norms[n]
-    return out
-
-
-def save_overlay(
-    path: Path,
-    meta: OverlayMeta,
-    tensors: dict[str, torch.Tensor],
-    dtype: torch.dtype = torch.float16,
-) -> None:
-    """Write atomically (temporary file + rename) in `dtype` (float16 keeps it a few MB)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    stored = {k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}
-    save_file(stored, str(tmp), metadata=meta.to_metadata())
-    tmp.replace(path)
+def merged_branch(
+    model: FamilyModel,
+    exit_layer: int,
+    lora_a: dict[str, torch.Tensor],
+    lora_b: dict[str, torch.Tensor],
+    norms: dict[str, torch.Tensor],
+    scale: float,
+) -> Branch:
+    """A new Branch for `exit_layer` with W + scale * B @ A per projection and the given norm
+    vectors, in the model's dtype. The trunk layer of the same index keeps its own tensors (a
+    plain model's branch layer starts as that very layer), so deeper exits are unchanged."""
+    base = model.branches[exit_layer]
+    geo, dtype = model.geo, model.dtype
+    fields = {}
+    with torch.no_grad():
+        for field in ("w_qkv", "w_o", "w_gate_up", "w_down"):
+            names = [n for n, (f, _) in PROJECTIONS.items() if f == field]
+            parts = [
+                projection_weight(base.layer, n, geo).float()
+                + scale * (lora_b[n].float() @ lora_a[n].float())
+                for n in names
+            ]
+            fields[field] = torch.cat(parts).to(dtype).contiguous()
+        vectors = {k: norms[k].detach().to(dtype).clone() for k in NORMS}
+    layer = LayerWeights(
+        input_norm=vectors["input_norm"],
+        post_norm=vectors["post_norm"],
+        w_qkv=fields["w_qkv"],
+        b_qkv=base.layer.b_qkv,
+        w_o=fields["w_o"],
+        q_norm=base.layer.q_norm,
+        k_norm=base.layer.k_norm,
+        w_gate_up=fields["w_gate_up"],
+        w_down=fields["w_down"],
+    )
+    return Branch(layer, vectors["norm"], base.head)
 
 
 def read_overlay(path: str | Path) -> Overlay:

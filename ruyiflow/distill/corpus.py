@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import LoadedModel
-from engine.distill.progress import Progress
-from engine.errors import InvalidRequest
-from engine.kv_cache import SequenceCache
-from engine.sampling import SamplingParams
+from ruyiflow.distill.progress import Progress
+from ruyiflow.engine.checkpoint import LoadedModel
+from ruyiflow.engine.errors import InvalidRequest
+from ruyiflow.engine.kv_cache import SequenceCache
+from ruyiflow.engine.sampling import SamplingParams
 
 SEED_PROMPTS = Path(__file__).with_name("seed_prompts.txt")
 HELD_OUT_EVERY = 6  # prompts 5, 11, 17, ... are held out
@@ -113,7 +113,7 @@ def _generate(
     progress: Progress | None,
     on_finish: Callable[[int, Sample, SequenceCache], None] | None,
 ) -> list[Sample]:
-    from engine.engine import Engine
+    from ruyiflow.engine.engine import Engine
 
     engine = Engine(loaded, max_batch=max_batch)
     last = loaded.config.last_exit

@@ -21,10 +21,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from proto import ruyiflow_pb2
-from router.errors import NodeUnavailable
-from router.grpc_errors import ErrorMappingInterceptor
+from ruyiflow.cluster.errors import NodeUnavailable, PortInUse
+from ruyiflow.cluster.grpc_errors import ErrorMappingInterceptor
+from ruyiflow.proto import ruyiflow_pb2
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20  # handoff parts are <= 3 MiB; headers carry token lists
 DEFAULT_MAX_WORKERS = 256  # a sync server holds one thread per open stream
@@ -89,9 +88,11 @@ def serve_grpc(
     *,
     max_workers: int = DEFAULT_MAX_WORKERS,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    field: str = "listen",
 ) -> GrpcServer:
     """Start a server on `address` (port 0 picks a free one) with the servicers, grpc.health.v1
-    (NOT_SERVING until `set_serving(True)`), server reflection and the error interceptor."""
+    (NOT_SERVING until `set_serving(True)`), server reflection and the error interceptor.
+    `field` names the topology entry of the address, for `PortInUse` when it cannot be bound."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=[ErrorMappingInterceptor(), *interceptors],
@@ -108,10 +109,10 @@ def serve_grpc(
     )
     try:
         port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {address}: {exc}") from None
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
+    except RuntimeError:
+        port = 0
+    if port == 0:  # grpc says no more than that; a taken port is by far the usual cause
+        raise PortInUse(field, address, "address already in use (or not available here)")
     served = GrpcServer(server, port, health_servicer, names)
     served.set_serving(False)
     server.start()

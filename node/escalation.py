@@ -19,7 +19,7 @@ class EscalationSettings:
     force_to_exit: int | None = None
 
     def __post_init__(self) -> None:
-        from engine.errors import InvalidRequest
+        from ruyiflow.engine.errors import InvalidRequest
 
         if self.window < 1:
             raise InvalidRequest("escalation window must be >= 1")

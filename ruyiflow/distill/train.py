@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from engine.distill.branch import BranchWeights, LoraBranch, branch_forward
-from engine.distill.features import Features, loss_rows
-from engine.distill.progress import Progress
-from engine.errors import InvalidRequest
-from engine.model import FamilyModel
+from ruyiflow.distill.branch import BranchWeights, LoraBranch, branch_forward
+from ruyiflow.distill.features import Features, loss_rows
+from ruyiflow.distill.progress import Progress
+from ruyiflow.engine.errors import InvalidRequest
+from ruyiflow.engine.model import FamilyModel
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from onnx import NodeProto, TensorProto, helper
 
-from engine.errors import InvalidRequest
-from engine.onnx.graph import BranchGraph, Derived, TorchWeight
+from ruyiflow.engine.errors import InvalidRequest
+from ruyiflow.export.onnx_graph import BranchGraph, Derived, TorchWeight
 
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4

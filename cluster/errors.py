@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 
 # The domain exceptions live in the engine (it raises them too); re-exported here for callers.
-from engine.errors import (  # noqa: E402
+from ruyiflow.engine.errors import (  # noqa: E402
     HandoffError,
     InvalidRequest,
     ModelLoadError,
@@ -62,3 +62,18 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
+
+
+class PortInUse(OSError):
+    """A daemon's listen or metrics address cannot be bound. One line for the operator: the
+    topology field, the address, and the reason (usually: another process holds the port)."""
+
+    def __init__(self, field: str, address: str, reason: str) -> None:
+        self.field = field
+        self.address = address
+        super().__init__(f"{field}: cannot listen on {address}: {reason}")
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, address: str, field: str) -> PortInUse:
+        reason = exc.strerror or str(exc) or "address unavailable"
+        return cls(field, address, reason.lower())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from engine.serving.daemon import run_node
+from ruyiflow.node.daemon import run_node
 
 
 def add_node_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_tier(args: argparse.Namespace, tier: str) -> int:
-    from router.topology_yaml import load_topology
+    from ruyiflow.cluster.topology_yaml import load_topology
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"

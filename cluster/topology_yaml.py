@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from router.errors import TopologyError
-from router.topology import LinkSpec, ModelSpec, NodeSpec, RouterSpec, Topology
-from router.units import parse_bandwidth
+from ruyiflow.cluster.errors import TopologyError
+from ruyiflow.cluster.topology import LinkSpec, ModelSpec, NodeSpec, RouterSpec, Topology
+from ruyiflow.cluster.units import parse_bandwidth
 
 _TOP_KEYS = ("models", "nodes", "router", "links")
 _PARSERS = {(LinkSpec, "bandwidth"): parse_bandwidth}  # fields that accept a string spelling

@@ -15,17 +15,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
-
-from engine.errors import InvalidRequest, NodeUnavailable
-from engine.events import TokenEvent
-from engine.sampling_params import SamplingParams
-from engine.serving.escalation import EscalationSettings
-from engine.serving.framing import MODE_NAMES, header_for, read_state, state_parts
-from engine.serving.metrics import NodeMetrics
-from engine.serving.worker import EngineWorker, LocalSwitch, Parked, RequestHandle
-from proto import ruyiflow_pb2 as pb
-from proto import ruyiflow_pb2_grpc as pb_grpc
-from router.grpc_server import Admission, channel_options
+from ruyiflow.cluster.grpc_server import Admission, channel_options
+from ruyiflow.engine.errors import InvalidRequest, NodeUnavailable
+from ruyiflow.engine.events import TokenEvent
+from ruyiflow.engine.sampling_params import SamplingParams
+from ruyiflow.node.escalation import EscalationSettings
+from ruyiflow.node.framing import MODE_NAMES, header_for, read_state, state_parts
+from ruyiflow.node.metrics import NodeMetrics
+from ruyiflow.node.worker import EngineWorker, LocalSwitch, Parked, RequestHandle
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
 MAX_PROMPT_CHARS = 256 * 1024
 TIERS = {"edge": pb.TIER_EDGE, "cloud": pb.TIER_CLOUD}

@@ -19,14 +19,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import InvalidRequest, NodeUnavailable
-from engine.events import TokenEvent
-from engine.handoff_meta import peek_metadata, to_tokens_mode
-from engine.sampling_params import SamplingParams
-from engine.serving.escalation import EscalationSettings, EscalationWatch
+from ruyiflow.engine.errors import InvalidRequest, NodeUnavailable
+from ruyiflow.engine.events import TokenEvent
+from ruyiflow.engine.handoff_meta import peek_metadata, to_tokens_mode
+from ruyiflow.engine.sampling_params import SamplingParams
+from ruyiflow.node.escalation import EscalationSettings, EscalationWatch
 
 if TYPE_CHECKING:  # the torch Engine or engine.ort_engine.OrtEngine (same interface)
-    from engine.engine import Engine
+    from ruyiflow.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 PARK_SECONDS = 120.0

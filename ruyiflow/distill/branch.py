@@ -3,7 +3,8 @@
 The serving path (`engine.layers.decoder_layer`) writes K/V into caches and runs under inference
 mode; training needs autograd, so this module runs the same math on packed rows of complete
 sequences (one causal attention per sequence, nothing padded). With no deltas it equals the
-serving branch (tested), and `merged_branch` folds trained deltas into plain weights.
+serving branch (tested); `ruyiflow.engine.overlay.merged_branch` folds trained deltas into plain
+weights at load time.
 """
 
 from __future__ import annotations
@@ -14,41 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.layers import Geometry, LayerWeights
-from engine.model import Branch, FamilyModel
-from engine.rope import RopeTable, apply_rope
-from kernels import rmsnorm_reference
-
-# projection -> (fused LayerWeights field, index of its block of rows within that field)
-PROJECTIONS = {
-    "q_proj": ("w_qkv", 0),
-    "k_proj": ("w_qkv", 1),
-    "v_proj": ("w_qkv", 2),
-    "o_proj": ("w_o", 0),
-    "gate_proj": ("w_gate_up", 0),
-    "up_proj": ("w_gate_up", 1),
-    "down_proj": ("w_down", 0),
-}
-# trained norm vectors: the branch layer's two norms and the exit's final norm
-NORMS = ("input_norm", "post_norm", "norm")
-
-
-def row_blocks(field: str, geo: Geometry, rows: int) -> list[int]:
-    """Row counts of the projections fused in `field` ([q, k, v] or [gate, up])."""
-    if field == "w_qkv":
-        kv = geo.num_kv_heads * geo.head_dim
-        return [geo.num_heads * geo.head_dim, kv, kv]
-    if field == "w_gate_up":
-        return [rows // 2, rows // 2]
-    return [rows]
-
-
-def projection_weight(layer: LayerWeights, name: str, geo: Geometry) -> torch.Tensor:
-    """The [out, in] weight of one HF projection, a view into the fused tensor."""
-    field, block = PROJECTIONS[name]
-    weight = getattr(layer, field)
-    sizes = row_blocks(field, geo, weight.shape[0])
-    return weight.split(sizes)[block]
+from ruyiflow.engine.layers import Geometry
+from ruyiflow.engine.model import Branch
+from ruyiflow.engine.overlay import PROJECTIONS, projection_weight
+from ruyiflow.engine.rope import RopeTable, apply_rope
+from ruyiflow.kernels import rmsnorm_reference
 
 
 class LoraBranch(torch.nn.Module):
@@ -164,41 +135,3 @@ def branch_forward(
     mlp = weights.linear("w_down", F.silu(gate_up[:, :inter]) * gate_up[:, inter:], geo)
     out, _ = rmsnorm_reference(h + mlp, weights.norm("norm"), geo.eps)
     return out.float()
-
-
-def merged_branch(
-    model: FamilyModel,
-    exit_layer: int,
-    lora_a: dict[str, torch.Tensor],
-    lora_b: dict[str, torch.Tensor],
-    norms: dict[str, torch.Tensor],
-    scale: float,
-) -> Branch:
-    """A new Branch for `exit_layer` with W + scale * B @ A per projection and the given norm
-    vectors, in the model's dtype. The trunk layer of the same index keeps its own tensors (a
-    plain model's branch layer starts as that very layer), so deeper exits are unchanged."""
-    base = model.branches[exit_layer]
-    geo, dtype = model.geo, model.dtype
-    fields = {}
-    with torch.no_grad():
-        for field in ("w_qkv", "w_o", "w_gate_up", "w_down"):
-            names = [n for n, (f, _) in PROJECTIONS.items() if f == field]
-            parts = [
-                projection_weight(base.layer, n, geo).float()
-                + scale * (lora_b[n].float() @ lora_a[n].float())
-                for n in names
-            ]
-            fields[field] = torch.cat(parts).to(dtype).contiguous()
-        vectors = {k: norms[k].detach().to(dtype).clone() for k in NORMS}
-    layer = LayerWeights(
-        input_norm=vectors["input_norm"],
-        post_norm=vectors["post_norm"],
-        w_qkv=fields["w_qkv"],
-        b_qkv=base.layer.b_qkv,
-        w_o=fields["w_o"],
-        q_norm=base.layer.q_norm,
-        k_norm=base.layer.k_norm,
-        w_gate_up=fields["w_gate_up"],
-        w_down=fields["w_down"],
-    )
-    return Branch(layer, vectors["norm"], base.head)

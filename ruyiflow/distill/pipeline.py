@@ -12,9 +12,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import EMBEDDED, LoadedModel, load_model
-from engine.config import RUYI_FAMILIES, load_hf_config
-from engine.distill.corpus import (
+from ruyiflow.distill.corpus import (
     Corpus,
     CorpusSettings,
     Sample,
@@ -27,7 +25,7 @@ from engine.distill.corpus import (
     split_prompts,
     write_corpus,
 )
-from engine.distill.features import (
+from ruyiflow.distill.features import (
     FeatureBuilder,
     Features,
     compute_features,
@@ -35,17 +33,14 @@ from engine.distill.features import (
     read_features,
     save_features,
 )
-from engine.distill.overlay import (
-    OverlayMeta,
-    apply_overlay,
-    overlay_tensors,
-    read_overlay,
-    save_overlay,
-)
-from engine.distill.quality import ExitQuality, exit_quality, trunk_states
-from engine.distill.train import Trainer, TrainSettings
-from engine.errors import InvalidRequest
-from engine.sampling import SamplingParams
+from ruyiflow.distill.overlay import overlay_tensors, save_overlay
+from ruyiflow.distill.quality import ExitQuality, exit_quality, trunk_states
+from ruyiflow.distill.train import Trainer, TrainSettings
+from ruyiflow.engine.checkpoint import EMBEDDED, LoadedModel, load_model
+from ruyiflow.engine.config import RUYI_FAMILIES, load_hf_config
+from ruyiflow.engine.errors import InvalidRequest
+from ruyiflow.engine.overlay import OverlayMeta, apply_overlay, read_overlay
+from ruyiflow.engine.sampling import SamplingParams
 
 OVERLAY_FILE = "overlay.safetensors"
 REPORT_FILE = "report.json"

@@ -9,7 +9,7 @@ import ipaddress
 import math
 import re
 
-from router.errors import TopologyError
+from ruyiflow.cluster.errors import TopologyError
 
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
 _BANDWIDTH = re.compile(r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)(/s)?")

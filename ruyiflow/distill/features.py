@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from engine.distill.branch import BranchWeights, branch_forward
-from engine.distill.corpus import Sample
-from engine.distill.progress import Progress
-from engine.kv_cache import SequenceCache
-from engine.model import FamilyModel, Work
+from ruyiflow.distill.branch import BranchWeights, branch_forward
+from ruyiflow.distill.corpus import Sample
+from ruyiflow.distill.progress import Progress
+from ruyiflow.engine.kv_cache import SequenceCache
+from ruyiflow.engine.model import FamilyModel, Work
 
 FEATURES_VERSION = 1
 GROUP_TOKENS = 2048  # trunk rows per forward call

@@ -25,15 +25,15 @@ import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
 import ruyiflow
-from engine.errors import InvalidRequest, ModelLoadError
-from engine.onnx import manifest as mf
-from engine.onnx.graph import IR_VERSION, OPSET, BranchGraph, as_array, build_branch_graph
-from engine.onnx.manifest import DATA_FILE, GRAPH_FILE, BranchFacts, Manifest
-from engine.onnx.quantize import MS_DOMAIN, quantize_graph
-from engine.tokenizer import Tokenizer
+from ruyiflow.engine.errors import InvalidRequest, ModelLoadError
+from ruyiflow.engine.onnx import manifest as mf
+from ruyiflow.engine.onnx.manifest import DATA_FILE, GRAPH_FILE, BranchFacts, Manifest
+from ruyiflow.engine.tokenizer import Tokenizer
+from ruyiflow.export.onnx_graph import IR_VERSION, OPSET, BranchGraph, as_array, build_branch_graph
+from ruyiflow.export.quantize import MS_DOMAIN, quantize_graph
 
 if TYPE_CHECKING:
-    from engine.checkpoint import LoadedModel
+    from ruyiflow.engine.checkpoint import LoadedModel
 
 DEFAULT_MAX_CONTEXT = 8192  # RoPE table rows: 8192 x head_dim/2 x 2 x 4 B = 2 MiB at D = 64
 ALIGN = 4096  # page-aligned external data can be memory-mapped by ONNX Runtime

@@ -4,9 +4,8 @@ topology: node, tier, exit, reason, outcome)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-from router.metrics import BYTES_BUCKETS, INTER_TOKEN_BUCKETS
-from router.metrics import SECONDS_BUCKETS as LATENCY_BUCKETS
+from ruyiflow.cluster.metrics_http import BYTES_BUCKETS, INTER_TOKEN_BUCKETS
+from ruyiflow.cluster.metrics_http import SECONDS_BUCKETS as LATENCY_BUCKETS
 
 
 class NodeMetrics:

@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-
-from engine.errors import RuyiflowError
-from router.errors import status_code_for
+from ruyiflow.cluster.errors import status_code_for
+from ruyiflow.engine.errors import RuyiflowError
 
 log = logging.getLogger(__name__)
 

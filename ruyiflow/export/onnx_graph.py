@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from onnx import GraphProto, NodeProto, TensorProto, ValueInfoProto, helper
 
-from engine.layers import LayerWeights
-from engine.model import FamilyModel
-from engine.rope import RopeTable
+from ruyiflow.engine.layers import LayerWeights
+from ruyiflow.engine.model import FamilyModel
+from ruyiflow.engine.rope import RopeTable
 
 OPSET = 23
 IR_VERSION = 11  # the IR version of opset 23 (onnx 1.18)

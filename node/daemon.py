@@ -9,13 +9,14 @@ import signal
 import threading
 from typing import Any
 
-from engine.serving.metrics import NodeMetrics
-from engine.serving.servicer import NodeIdentity, NodeServicer
-from engine.serving.worker import EngineWorker
-from proto import ruyiflow_pb2_grpc as pb_grpc
-from router.errors import TopologyError
-from router.grpc_server import serve_grpc, service_name
-from router.topology import NodeSpec, Topology, onnx_dir_for
+from ruyiflow.cluster.errors import TopologyError
+from ruyiflow.cluster.grpc_server import serve_grpc, service_name
+from ruyiflow.cluster.metrics_http import serve_registry
+from ruyiflow.cluster.topology import NodeSpec, Topology, onnx_dir_for
+from ruyiflow.node.metrics import NodeMetrics
+from ruyiflow.node.servicer import NodeIdentity, NodeServicer
+from ruyiflow.node.worker import EngineWorker
+from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
 log = logging.getLogger("ruyiflow.node")
 WARMUP_TOKENS = 128
@@ -24,7 +25,7 @@ WARMUP_TOKENS = 128
 def open_engine(topology: Topology, spec: NodeSpec) -> tuple[Any, str]:
     """The node's engine for its backend, and the model fingerprint it serves."""
     if spec.backend == "onnxruntime":  # torch-free: ONNX exports of each served exit
-        from engine.ort_engine import open_ort_engine
+        from ruyiflow.engine.ort_engine import open_ort_engine
 
         engine = open_ort_engine(
             onnx_dir_for(topology, spec),
@@ -35,8 +36,8 @@ def open_engine(topology: Topology, spec: NodeSpec) -> tuple[Any, str]:
             expect_model=topology.model(spec.model).path,
         )
         return engine, engine.fingerprint
-    from engine.checkpoint import load_model
-    from engine.engine import Engine
+    from ruyiflow.engine.checkpoint import load_model
+    from ruyiflow.engine.engine import Engine
 
     model_spec = topology.model(spec.model)
     loaded = load_model(
@@ -73,16 +74,17 @@ def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | N
         if threading.current_thread() is threading.main_thread():
             signal.signal(sig, lambda *_: stop.set())
 
-    from router.metrics import serve_registry
-
     metrics = NodeMetrics(name, tier)
-    metrics_server = serve_registry(spec.metrics, metrics.registry)
+    metrics_server = serve_registry(spec.metrics, metrics.registry, f"nodes.{name}.metrics")
     identity = NodeIdentity(
         name, tier, spec.model, spec.backend, spec.max_batch, spec.max_context, tuple(spec.exits)
     )
     servicer = NodeServicer(identity, metrics)
     served = serve_grpc(
-        [(pb_grpc.add_NodeServicer_to_server, servicer)], spec.listen, [service_name("Node")]
+        [(pb_grpc.add_NodeServicer_to_server, servicer)],
+        spec.listen,
+        [service_name("Node")],
+        field=f"nodes.{name}.listen",
     )
     log.info("%s: listening on %s, loading model %s", name, spec.listen, model_spec.path)
     engine, fingerprint = open_engine(topology, spec)
