@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+
 from ruyiflow.cluster.errors import status_code_for
 from ruyiflow.engine.errors import RuyiflowError
 
@@ -48,10 +49,11 @@ def internal_details(exc: BaseException) -> str:
 def abort_for(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
     """Abort `context` with the status `exc` maps to (always raises)."""
     if not context.is_active():
-        # The client cancelled or the deadline passed: nobody reads the status, and reading its
-        # requests raised because of that, which is no bug of the handler.
+        # The client cancelled or the deadline passed (a health poll of a node still loading its
+        # model): nobody reads the status, and nothing went wrong here. Aborting (rather than
+        # re-raising) keeps grpc from logging the exception as an application error.
         log.debug("%s ended after its call did: %r", method, exc)
-        raise exc
+        context.abort(status_code_for(exc), str(exc))
     code = context.code() if hasattr(context, "code") else None
     if code is not None and code != grpc.StatusCode.OK:
         # The handler aborted on purpose (context.abort raises a bare Exception): keep its status.

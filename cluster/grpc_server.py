@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from ruyiflow.cluster.errors import NodeUnavailable, PortInUse
 from ruyiflow.cluster.grpc_errors import ErrorMappingInterceptor
 from ruyiflow.proto import ruyiflow_pb2

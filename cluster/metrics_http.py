@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
+
 from ruyiflow.cluster.errors import PortInUse
 from ruyiflow.cluster.units import parse_address
 

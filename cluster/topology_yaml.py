@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from ruyiflow.cluster.errors import TopologyError
 from ruyiflow.cluster.topology import LinkSpec, ModelSpec, NodeSpec, RouterSpec, Topology
 from ruyiflow.cluster.units import parse_bandwidth

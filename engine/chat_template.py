@@ -21,6 +21,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from ruyiflow.engine.errors import InvalidRequest
 
 # Names a message's reasoning travels under; templates read `reasoning_content` (gpt-oss:

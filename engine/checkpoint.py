@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from ruyiflow.engine.config import ModelConfig, config_from_hf, load_hf_config
 from ruyiflow.engine.errors import ModelLoadError, ModelMismatch
 from ruyiflow.engine.fingerprint import fingerprint

@@ -1,159 +1,207 @@
-"""The engine: continuous batching over a FamilyModel (PyTorch; queues and bookkeeping are
-`engine.scheduler.Scheduler`'s).
+"""The engine: continuous batching of one model, the same for every runner.
 
-A step is schedule -> run -> postprocess. Scheduling packs every running sequence's next token
-and, within the step's token budget, prefill chunks of waiting ones into one forward call, so
-sequences join and leave between any two steps. Sequences at different exits share the call.
+A step is schedule -> run -> postprocess: the scheduler packs every running sequence's next token
+and, within the step's token budget, prefill chunks of waiting ones; the model runner computes
+them in one call (sequences at different exits share it); the runner samples each row and the
+scheduler records the tokens. Sequences join and leave between any two steps.
+
+Moving a request is written here once, over what a runner exposes: `switch_exit` (the runner
+moves the cache, or the sequence re-prefills), and `export_state` / `import_state` in the single
+wire format of `engine.handoff`.
 """
 
 from __future__ import annotations
 
-import torch
-from ruyiflow.engine.checkpoint import LoadedModel
-from ruyiflow.engine.errors import HandoffError
-from ruyiflow.engine.handoff import HandoffState, decode_state, encode_state
-from ruyiflow.engine.model import Work
-from ruyiflow.engine.sampling import draw, make_generator, process_row
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ruyiflow.engine.batch import Work
+from ruyiflow.engine.errors import HandoffError, InvalidRequest
+from ruyiflow.engine.events import Status, TokenEvent
+from ruyiflow.engine.handoff import MODES, HandoffState, ModelFacts, decode_state, encode_state
+from ruyiflow.engine.runner import ModelRunner
+from ruyiflow.engine.sampling_params import SamplingParams
 from ruyiflow.engine.scheduler import Scheduler
-from ruyiflow.engine.sequence import Confidence, Sequence, Status, TokenEvent
-from ruyiflow.kernels import exit_confidence
+from ruyiflow.engine.sequence import Sequence
 
 
-class Engine(Scheduler):
+class Engine:
     def __init__(
         self,
-        loaded: LoadedModel,
+        model: Any,  # a ModelRunner, or an engine.checkpoint.LoadedModel (-> the torch runner)
         max_batch: int = 8,
         max_context: int | None = None,
         max_step_tokens: int = 2048,
         max_waiting: int = 256,
     ):
-        self.loaded = loaded
-        self.model = loaded.model
-        self.config = loaded.config
-        self.tokenizer = loaded.tokenizer
-        self.fingerprint = loaded.fingerprint
-        self._init_queues(max_batch, max_context, max_step_tokens, max_waiting)
+        if not isinstance(model, ModelRunner):
+            from ruyiflow.engine.torch_runner import TorchRunner
 
-    def _new_cache(self):
-        return self.model.new_cache()
+            model = TorchRunner(model)
+        self.runner = model
+        self.config = model.config
+        self.tokenizer = model.tokenizer
+        self.fingerprint = model.fingerprint
+        stop_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
+        self.scheduler = Scheduler(
+            self.config, stop_ids, max_batch, max_context, max_step_tokens, max_waiting
+        )
 
-    def _new_generator(self, seed: int | None) -> tuple[torch.Generator, int]:
-        return make_generator(seed)
+    # -- what the serving layer reads ------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        return self.scheduler.max_context
+
+    @property
+    def max_batch(self) -> int:
+        return self.scheduler.max_batch
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def waiting(self) -> Any:
+        return self.scheduler.waiting
+
+    @property
+    def sequences(self) -> dict[str, Sequence]:
+        return self.scheduler.sequences
+
+    @property
+    def state_dtype_bytes(self) -> int:
+        return self.runner.state_dtype_bytes
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def abort(self, seq_id: str) -> None:
+        self.scheduler.abort(seq_id)
+
+    # -- admission ------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        exit_layer: int | None = None,
+        seq_id: str | None = None,
+        prefix_ids: list[int] | tuple[int, ...] = (),
+    ) -> str:
+        """Queue a request. `prefix_ids` are tokens already generated (and streamed) elsewhere,
+        e.g. before a node failed: they are prefilled with the prompt, count towards
+        `max_tokens`, and their text is not emitted again."""
+        params = params or SamplingParams()
+        exit_layer = self.config.default_exit if exit_layer is None else exit_layer
+        self.runner.check_exit(exit_layer)
+        tokens = list(prompt_ids) + list(prefix_ids)
+        self.scheduler.check_prompt(tokens)
+        if len(prefix_ids) >= params.max_tokens:
+            raise InvalidRequest(
+                f"{len(prefix_ids)} prefix tokens leave nothing of max_tokens {params.max_tokens}"
+            )
+        seq = self._new_sequence(seq_id, tokens, len(prompt_ids), exit_layer, params)
+        _prime_text(seq, None)
+        self.scheduler.admit(seq)
+        return seq.id
+
+    def _new_sequence(
+        self,
+        seq_id: str | None,
+        tokens: list[int],
+        num_prompt: int,
+        exit_layer: int,
+        params: SamplingParams,
+    ) -> Sequence:
+        generator, seed = self.runner.new_generator(params.seed)
+        return Sequence(
+            self.scheduler.new_id(seq_id),
+            tokens,
+            num_prompt,
+            exit_layer,
+            params,
+            self.runner.new_cache(),
+            self.tokenizer.stream(),
+            self.scheduler.stop_ids_for(params),
+            generator,
+            seed,
+        )
 
     # -- one step -------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
-        works, seqs = self._schedule()
+        works, seqs = self.scheduler.schedule()
         if not works:
             return []
-        logits = self.model.forward(works)
-        return self._postprocess(seqs, logits)
-
-    def _schedule(self) -> tuple[list[Work], list[Sequence]]:
-        works, seqs = [], []
-        budget = self.max_step_tokens
-        for seq in self.running:
-            works.append(Work(seq.cache, seq.pending_tokens(), seq.cache.length, seq.exit))
-            seqs.append(seq)
-            budget -= 1
-        # Waiting sequences prefill in chunks; one becomes running once its prompt is cached.
-        for seq in list(self.waiting):
-            if budget <= 0 or len(seqs) >= self.max_batch:
-                break
-            pending = seq.pending_tokens()
-            chunk = pending[:budget]
-            works.append(
-                Work(
-                    seq.cache,
-                    chunk,
-                    seq.cache.length,
-                    seq.exit,
-                    want_logits=len(chunk) == len(pending),
-                )
-            )
-            seqs.append(seq)
-            budget -= len(chunk)
-        return works, seqs
-
-    def _postprocess(
-        self, seqs: list[Sequence], logits: list[torch.Tensor | None]
-    ) -> list[TokenEvent]:
+        logits = self.runner.run(works)
         rows = [(s, lg) for s, lg in zip(seqs, logits, strict=True) if lg is not None]
         if not rows:
             return []
-        stacked = torch.stack([lg for _, lg in rows])  # [B, V] float32
-        max_prob, margin, entropy = exit_confidence(stacked)
-        greedy = torch.argmax(stacked, dim=-1).tolist()
-        events = []
-        for k, (seq, row) in enumerate(rows):
-            if seq.params.needs_row_processing:
-                token = draw(
-                    process_row(row, seq.params, seq.token_ids, seq.ngrams),
-                    seq.params,
-                    seq.generator,
-                )
-            else:
-                token = greedy[k]
-            conf = Confidence(float(max_prob[k]), float(margin[k]), float(entropy[k]))
-            events.append(self._emit(seq, token, conf))
-        return events
+        picks = self.runner.sample(rows)
+        return [
+            self.scheduler.emit(seq, token, conf)
+            for (seq, _), (token, conf) in zip(rows, picks, strict=True)
+        ]
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        exit_layer: int | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Run one request to completion (alongside anything already in the engine)."""
+        seq_id = self.add_request(prompt_ids, params, exit_layer)
+        while True:
+            for event in self.step():
+                if event.seq_id == seq_id:
+                    yield event
+                    if event.finished:
+                        return
 
     # -- moving between exits -------------------------------------------------------------------
     def switch_exit(self, seq_id: str, exit_layer: int) -> None:
         """Continue a running sequence at another exit from its next token on."""
-        seq = self._get(seq_id)
-        self.config.check_exit(exit_layer)
-        if seq.status is Status.WAITING:  # only part of the prompt is cached: restart its prefill
-            seq.cache = self.model.new_cache()
-        else:
-            self.model.switch_exit(seq.cache, seq.exit, exit_layer)
+        seq = self.scheduler.get(seq_id)
+        self.runner.check_exit(exit_layer)
+        waiting = seq.status is Status.WAITING  # only part of the prompt is cached
+        if waiting or not self.runner.switch_exit(seq.cache, seq.exit, exit_layer):
+            seq.cache = self.runner.new_cache()  # restart its prefill at the new exit
+            self.scheduler.requeue(seq)
         seq.exit = exit_layer
 
-    # -- handoff ------------------------------------------------------------------------------
+    # -- handoff --------------------------------------------------------------------------------
     def export_state(self, seq_id: str, mode: str = "hidden", release: bool = True) -> bytes:
-        """Serialise a running sequence; by default it leaves this engine (it moves)."""
-        seq = self._exportable(seq_id, mode)
-        t = seq.cache.length
+        """Serialise a sequence; by default it leaves this engine (it moves). `hidden` needs its
+        prompt fully cached."""
+        if mode not in MODES:
+            raise InvalidRequest(f"handoff mode {mode!r} unknown (choose from {MODES})")
+        seq = self.scheduler.get(seq_id)
+        if mode == "hidden" and seq.status is not Status.RUNNING:
+            raise InvalidRequest(f"sequence {seq_id!r} is still prefilling; use tokens mode")
         state = HandoffState(
-            mode=mode,
-            fingerprint=self.loaded.fingerprint,
-            exit=seq.exit,
-            token_ids=list(seq.token_ids),
-            num_prompt_tokens=seq.num_prompt_tokens,
-            params=seq.params,
-            seed=seq.seed,
-            num_emitted_chars=seq.num_emitted_chars,
-            rng=seq.generator.get_state(),
-            boundary=None,
-            trunk_kv=[],
+            mode,
+            self.fingerprint,
+            seq.exit,
+            list(seq.token_ids),
+            seq.num_prompt_tokens,
+            seq.params,
+            seq.seed,
+            seq.num_emitted_chars,
+            self.runner.state_dtype,
+            self.runner.state_tensors(seq.cache, seq.exit) if mode == "hidden" else {},
+            self.runner.rng_state(seq.generator),
         )
-        if mode == "hidden":
-            state.boundary = seq.cache.boundary[seq.exit][:t]
-            state.trunk_kv = [
-                (k[:, :t], v[:, :t]) for k, v in (seq.cache.trunk[i] for i in range(seq.exit))
-            ]
-        data = encode_state(state, self.model.dtype)
+        data = encode_state(state)
         if release:
-            self._release(seq)
+            self.scheduler.release(seq)
         return data
 
     def import_state(
         self, data: bytes, exit_layer: int | None = None, seq_id: str | None = None
     ) -> str:
         """Resume an exported sequence here, at its exit or (hidden mode) a deeper one."""
-        c = self.config
-        state = decode_state(
-            data,
-            fingerprint=self.loaded.fingerprint,
-            exits=c.exits,
-            vocab_size=c.vocab_size,
-            max_context=self.max_context,
-            hidden_size=c.hidden_size,
-            num_kv_heads=c.num_kv_heads,
-            head_dim=c.head_dim,
-        )
+        state = decode_state(data, self.model_facts())
         target = state.exit if exit_layer is None else exit_layer
-        c.check_exit(target)
+        self.runner.check_exit(target)
         if state.mode == "hidden" and target < state.exit:
             raise HandoffError(
                 f"a hidden-state handoff from exit {state.exit} can only resume at that exit or"
@@ -162,33 +210,48 @@ class Engine(Scheduler):
         seq = self._new_sequence(
             seq_id, state.token_ids, state.num_prompt_tokens, target, state.params
         )
-        if state.rng is not None:
-            seq.generator.set_state(state.rng)
-        else:
-            seq.generator.manual_seed(state.seed)
+        seq.generator = self.runner.restore_generator(seq.generator, state.rng, state.seed)
         seq.seed = state.seed
-        self._prime_text(seq, state.num_emitted_chars)
-        if state.mode == "hidden":
-            self._restore_cache(seq, state)
-        self._admit(seq)
+        _prime_text(seq, state.num_emitted_chars)
+        if state.mode == "hidden" and not self.runner.restore_cache(seq.cache, state, target):
+            seq.cache = self.runner.new_cache()  # this runner re-prefills from the tokens
+        self.scheduler.admit(seq)
         return seq.id
 
-    def _restore_cache(self, seq: Sequence, state: HandoffState) -> None:
-        cache, t, dtype = seq.cache, state.num_cached, self.model.dtype
-        cache.reserve(t)
-        for i, (k, v) in enumerate(state.trunk_kv):
-            k_buf, v_buf = cache.trunk_kv(i)
-            k_buf[:, :t] = k.to(dtype)
-            v_buf[:, :t] = v.to(dtype)
-        cache.boundary_buf(state.exit)[:t] = state.boundary.to(dtype)
-        cache.length = t
-        self.model.switch_exit(cache, state.exit, seq.exit)
+    def model_facts(self) -> ModelFacts:
+        c = self.config
+        return ModelFacts(
+            self.fingerprint,
+            tuple(c.exits),
+            c.vocab_size,
+            self.max_context,
+            c.hidden_size,
+            c.num_kv_heads,
+            c.head_dim,
+        )
 
-    # -- facts for the serving layer -------------------------------------------------------------
-    @property
-    def state_dtype_bytes(self) -> int:
-        """Bytes per element of exported hidden states and KV."""
-        return self.model.embed.element_size()
+    def max_state_bytes(self, max_context: int) -> int:
+        """Largest valid handoff state: boundary + every trunk layer's KV for max_context."""
+        c = self.config
+        per_token = c.hidden_size + 2 * (c.num_layers - 1) * c.num_kv_heads * c.head_dim
+        return per_token * max_context * self.state_dtype_bytes + (1 << 20)
 
-    def _prefill_once(self, exit_layer: int, ids: list[int]) -> None:
-        self.model.forward([Work(self.model.new_cache(), ids, 0, exit_layer)])
+    def measure_prefill(self, exit_layer: int, num_tokens: int = 128) -> float:
+        """Prefill tokens/s at `exit_layer` (also warms the runner up): best of three."""
+        ids = [(37 * i) % (self.config.vocab_size - 1) + 1 for i in range(num_tokens)]
+        best = float("inf")
+        for _ in range(3):  # the first run pays for allocation; keep the best of the rest
+            started = time.perf_counter()
+            self.runner.run([Work(self.runner.new_cache(), ids, 0, exit_layer)])
+            best = min(best, time.perf_counter() - started)
+        return num_tokens / best
+
+
+def _prime_text(seq: Sequence, num_emitted: int | None) -> None:
+    """Replay already generated tokens into the stream decoder; their text counts as emitted
+    (all of it, or `num_emitted` chars when the sender says so)."""
+    for token in seq.generated_ids:
+        seq.text += seq.stream.push(token)
+    seq.num_emitted_chars = (
+        len(seq.text) if num_emitted is None else min(num_emitted, len(seq.text))
+    )

@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 
 import torch
+
 from ruyiflow.engine.config import ModelConfig
 
 SAMPLES_PER_TENSOR = 16

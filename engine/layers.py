@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from ruyiflow.engine.rope import apply_rope
 from ruyiflow.kernels import rms_norm
 from ruyiflow.kernels.cpu_gemv import cpu_linear as linear

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ruyiflow.engine.batch import Work  # noqa: F401 (re-exported)
 from ruyiflow.engine.config import ModelConfig
 from ruyiflow.engine.kv_cache import SequenceCache
 from ruyiflow.engine.layers import Geometry, LayerWeights, Segment, decoder_layer
@@ -25,17 +27,6 @@ class Branch:
     layer: LayerWeights
     norm: torch.Tensor  # [hidden]
     head: torch.Tensor  # [vocab, hidden]
-
-
-@dataclass
-class Work:
-    """Tokens of one sequence to push through the model at one exit."""
-
-    cache: SequenceCache
-    token_ids: list[int]
-    start: int  # position of token_ids[0]; the cache holds `start` valid positions
-    exit: int
-    want_logits: bool = True  # logits of the last token
 
 
 class FamilyModel:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from ruyiflow.engine.errors import ModelLoadError, ModelMismatch
 from ruyiflow.engine.layers import Geometry, LayerWeights
 from ruyiflow.engine.model import Branch, FamilyModel

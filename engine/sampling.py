@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 from ruyiflow.engine.ngrams import NgramIndex
 from ruyiflow.engine.sampling_params import SamplingParams  # noqa: F401 (re-exported: one import site)
 

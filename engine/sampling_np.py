@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
 from ruyiflow.engine.ngrams import NgramIndex
 from ruyiflow.engine.sampling_params import SamplingParams
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
 from ruyiflow.engine.chat_template import check_templates, find_templates, read_json, render_chat
 from ruyiflow.engine.errors import InvalidRequest, ModelLoadError
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 
 class TokenizerError(ModelLoadError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
 from ruyiflow.engine.config import ModelConfig
 from ruyiflow.engine.errors import ModelLoadError
 from ruyiflow.engine.layers import LayerWeights

@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Any
 
 from ruyiflow.cluster.errors import TopologyError
 from ruyiflow.cluster.grpc_server import serve_grpc, service_name
 from ruyiflow.cluster.metrics_http import serve_registry
 from ruyiflow.cluster.topology import NodeSpec, Topology, onnx_dir_for
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.runner import open_runner
 from ruyiflow.node.metrics import NodeMetrics
 from ruyiflow.node.servicer import NodeIdentity, NodeServicer
 from ruyiflow.node.worker import EngineWorker
@@ -22,40 +23,29 @@ log = logging.getLogger("ruyiflow.node")
 WARMUP_TOKENS = 128
 
 
-def open_engine(topology: Topology, spec: NodeSpec) -> tuple[Any, str]:
-    """The node's engine for its backend, and the model fingerprint it serves."""
-    if spec.backend == "onnxruntime":  # torch-free: ONNX exports of each served exit
-        from ruyiflow.engine.ort_engine import open_ort_engine
-
-        engine = open_ort_engine(
-            onnx_dir_for(topology, spec),
-            spec.exits,
-            spec.providers,
-            max_batch=spec.max_batch,
-            max_context=spec.max_context,
-            expect_model=topology.model(spec.model).path,
-        )
-        return engine, engine.fingerprint
-    from ruyiflow.engine.checkpoint import load_model
-    from ruyiflow.engine.engine import Engine
-
+def open_engine(topology: Topology, spec: NodeSpec) -> Engine:
+    """The node's engine over the model runner its backend names."""
     model_spec = topology.model(spec.model)
-    loaded = load_model(
-        model_spec.path,
-        model_spec.dtype,
-        model_spec.extra_exits or None,
-        max_context=spec.max_context,
-        max_batch=spec.max_batch,
-        overlay=model_spec.overlay_arg,
-    )
-    missing = [e for e in spec.exits if e not in loaded.config.exits]
-    if missing:
-        raise TopologyError(
-            f"node {spec.name!r} serves exits {missing} that model {spec.model!r} lacks "
-            f"(exits {list(loaded.config.exits)})"
+    if spec.backend == "onnxruntime":  # torch-free: ONNX exports of each served exit
+        args: tuple = (onnx_dir_for(topology, spec), spec.exits, spec.providers, model_spec.path)
+        runner = open_runner("onnxruntime", *args)
+    else:
+        runner = open_runner(
+            "torch",
+            model_spec.path,
+            model_spec.dtype,
+            extra_exits=model_spec.extra_exits or None,
+            max_context=spec.max_context,
+            max_batch=spec.max_batch,
+            overlay=model_spec.overlay_arg,
         )
-    engine = Engine(loaded, max_batch=spec.max_batch, max_context=spec.max_context)
-    return engine, loaded.fingerprint
+        missing = [e for e in spec.exits if e not in runner.config.exits]
+        if missing:
+            raise TopologyError(
+                f"node {spec.name!r} serves exits {missing} that model {spec.model!r} lacks "
+                f"(exits {list(runner.config.exits)})"
+            )
+    return Engine(runner, max_batch=spec.max_batch, max_context=spec.max_context)
 
 
 def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | None = None) -> int:
@@ -87,11 +77,11 @@ def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | N
         field=f"nodes.{name}.listen",
     )
     log.info("%s: listening on %s, loading model %s", name, spec.listen, model_spec.path)
-    engine, fingerprint = open_engine(topology, spec)
+    engine = open_engine(topology, spec)
     prefill = engine.measure_prefill(max(spec.exits), WARMUP_TOKENS)
     worker = EngineWorker(engine, tuple(spec.exits))
     worker.start()
-    servicer.attach(worker, fingerprint, prefill, engine.max_state_bytes(spec.max_context))
+    servicer.attach(worker, engine.fingerprint, prefill, engine.max_state_bytes(spec.max_context))
     served.set_serving(True)
     metrics.ready.labels(**metrics.lab()).set(1)
     log.info(
@@ -99,7 +89,7 @@ def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | N
         name,
         list(spec.exits),
         prefill,
-        fingerprint,
+        engine.fingerprint,
     )
     while not stop.wait(0.5):
         pass

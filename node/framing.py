@@ -8,7 +8,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 
 from ruyiflow.engine.errors import HandoffError
-from ruyiflow.engine.handoff_meta import peek_metadata
+from ruyiflow.engine.handoff import peek_metadata
 from ruyiflow.proto import ruyiflow_pb2 as pb
 
 MODE_NAMES = {pb.HANDOFF_MODE_HIDDEN: "hidden", pb.HANDOFF_MODE_TOKENS: "tokens"}

@@ -4,6 +4,7 @@ topology: node, tier, exit, reason, outcome)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
 from ruyiflow.cluster.metrics_http import BYTES_BUCKETS, INTER_TOKEN_BUCKETS
 from ruyiflow.cluster.metrics_http import SECONDS_BUCKETS as LATENCY_BUCKETS
 

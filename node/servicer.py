@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
+
 from ruyiflow.cluster.grpc_server import Admission, channel_options
 from ruyiflow.engine.errors import InvalidRequest, NodeUnavailable
 from ruyiflow.engine.events import TokenEvent

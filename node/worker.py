@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from ruyiflow.engine.errors import InvalidRequest, NodeUnavailable
 from ruyiflow.engine.events import TokenEvent
-from ruyiflow.engine.handoff_meta import peek_metadata, to_tokens_mode
+from ruyiflow.engine.handoff import peek_metadata, to_tokens_mode
 from ruyiflow.engine.sampling_params import SamplingParams
 from ruyiflow.node.escalation import EscalationSettings, EscalationWatch
 
-if TYPE_CHECKING:  # the torch Engine or engine.ort_engine.OrtEngine (same interface)
+if TYPE_CHECKING:  # over any model runner (torch, onnxruntime)
     from ruyiflow.engine.engine import Engine
 
 log = logging.getLogger(__name__)

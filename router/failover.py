@@ -14,6 +14,7 @@ blame (mark unhealthy), where to resume, and what the client sees when nothing i
 from __future__ import annotations
 
 import grpc
+
 from ruyiflow.cluster.errors import NodeUnavailable
 from ruyiflow.cluster.grpc_errors import UpstreamStatus
 from ruyiflow.cluster.topology import Topology

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from ruyiflow.router.scorer import (
     DEPTH_SATURATION_TURNS,
     LENGTH_CEIL_TOKENS,

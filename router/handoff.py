@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
+
 from ruyiflow.cluster.topology import Topology
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.router.policy import (

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from ruyiflow.engine.errors import ModelLoadError
 from ruyiflow.router.features import FEATURE_DIM, FEATURE_VERSION, featurize
 from ruyiflow.router.scorer import Scorer

@@ -13,6 +13,7 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+
 from ruyiflow.cluster.metrics_http import (
     BYTES_BUCKETS,
     INTER_TOKEN_BUCKETS,

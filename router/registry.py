@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from ruyiflow.cluster.grpc_server import channel_options, service_name
 from ruyiflow.cluster.topology import NodeSpec, Topology
 from ruyiflow.proto import ruyiflow_pb2 as pb

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 
 import grpc
+
 from ruyiflow.cluster.errors import InvalidRequest, NodeUnavailable, Overloaded
 from ruyiflow.cluster.grpc_errors import UpstreamStatus
 from ruyiflow.cluster.grpc_server import Admission

@@ -18,6 +18,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
+
 from ruyiflow.cluster.errors import NodeUnavailable
 from ruyiflow.cluster.topology import Topology
 from ruyiflow.proto import ruyiflow_pb2 as pb

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from ruyiflow.engine.config import ModelConfig, RopeConfig
 from ruyiflow.engine.errors import ModelLoadError
 

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import torch
-from ruyiflow.engine.errors import ModelLoadError
 from safetensors import SafetensorError, safe_open
+
+from ruyiflow.engine.errors import ModelLoadError
 
 INDEX_NAME = "model.safetensors.index.json"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from ruyiflow.engine.layers import Segment, attention
 from ruyiflow.engine.moe.ops import head_rms, linear
 from ruyiflow.engine.rope import apply_rope

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from ruyiflow.engine.errors import InvalidRequest
 
 GROW_MULTIPLE = 64

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+
 from ruyiflow.engine.errors import ModelLoadError
 from ruyiflow.engine.fingerprint import fingerprint
 from ruyiflow.engine.loaders.safetensors_loader import checkpoint_files
@@ -26,7 +28,6 @@ from ruyiflow.engine.moe.memory import check_memory, estimate_memory
 from ruyiflow.engine.moe.model import MoEModel
 from ruyiflow.engine.moe.weights import build_layer
 from ruyiflow.engine.weights import KeyReader
-from safetensors import SafetensorError, safe_open
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")

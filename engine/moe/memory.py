@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from ruyiflow.engine.errors import ModelLoadError
 from ruyiflow.engine.moe.config import MoEConfig
 

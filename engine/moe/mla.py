@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from ruyiflow.engine.layers import Segment, _causal_mask
 from ruyiflow.engine.moe.config import LATENT_NORM_EPS, MLAConfig
 from ruyiflow.engine.moe.ops import linear, rms

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ruyiflow.engine.batch import Work
 from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.engine.layers import Segment
-from ruyiflow.engine.model import Work
 from ruyiflow.engine.moe.attention import GQAShape, GQAWeights, gqa_attention
 from ruyiflow.engine.moe.cache import MoECache
 from ruyiflow.engine.moe.config import MoEConfig

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from ruyiflow.kernels import rms_norm
 from ruyiflow.kernels.cpu_gemv import cpu_linear as linear
 

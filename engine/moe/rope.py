@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from ruyiflow.engine.moe.config import MoERope
 from ruyiflow.engine.rope import RopeTable
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+
 from ruyiflow.engine.moe.attention import GQAWeights
 from ruyiflow.engine.moe.config import MoEConfig
 from ruyiflow.engine.moe.mla import MLAWeights

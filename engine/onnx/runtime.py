@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
 from ruyiflow.engine.errors import InvalidRequest, ModelLoadError, RuyiflowError
 from ruyiflow.engine.onnx.manifest import Manifest, check_files, check_identity, read_manifest
 

@@ -12,6 +12,7 @@ import urllib.request
 
 import grpc
 import pytest
+
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.sampling import SamplingParams
 from ruyiflow.proto import ruyiflow_pb2 as pb

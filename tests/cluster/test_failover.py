@@ -7,8 +7,8 @@ import signal
 import time
 
 import pytest
-from ruyiflow.router.client import RouterClient
 
+from ruyiflow.router.client import RouterClient
 from tests.cluster.conftest import start_cluster
 
 
@@ -45,6 +45,7 @@ def test_sigkill_mid_stream_loses_and_repeats_nothing(fresh_cluster):
 
 def test_sigterm_drains_in_flight_and_refuses_new(tmp_path):
     import grpc
+
     from ruyiflow.proto import ruyiflow_pb2 as pb
     from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 

@@ -6,14 +6,14 @@ own tokenizer. Greedy oracles: the MoE engine run locally on the same prompt and
 from __future__ import annotations
 
 import pytest
+
+from ruyiflow.cmd_up import Cluster
 from ruyiflow.engine.checkpoint import load_model
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.sampling import SamplingParams
+from ruyiflow.local_cluster import free_ports
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.router.client import RouterClient
-
-from ruyiflow.cmd_up import Cluster
-from ruyiflow.local_cluster import free_ports
 from tests.moe.tiny_moe import save_moe
 
 EASY = "What is the capital of France?"

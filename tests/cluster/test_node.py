@@ -7,12 +7,12 @@ import uuid
 
 import grpc
 import pytest
+
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.sampling import SamplingParams
 from ruyiflow.node.framing import header_for, state_parts
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
-
 from tests.engine.test_errors import _rewrite
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 1690]

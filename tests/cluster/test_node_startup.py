@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ruyiflow.engine.errors import NodeUnavailable
 from ruyiflow.node.metrics import NodeMetrics
 from ruyiflow.node.servicer import NodeIdentity, NodeServicer

@@ -8,14 +8,14 @@ from __future__ import annotations
 import sys
 
 import pytest
-from ruyiflow.engine.engine import Engine
-from ruyiflow.engine.sampling import SamplingParams
-from ruyiflow.proto import ruyiflow_pb2 as pb
-from ruyiflow.router.client import RouterClient
 
 from ruyiflow.cmd_up import Cluster
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.sampling import SamplingParams
 from ruyiflow.local_cluster import free_ports
 from ruyiflow.onnx_exports import prepare_exports
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.router.client import RouterClient
 
 PROMPT = "What is the capital of France?"
 TOPOLOGY = """
@@ -87,7 +87,6 @@ def test_a_stale_export_is_made_again(ort_cluster, smollm2):
 
     from ruyiflow.cluster.topology import onnx_dir_for
     from ruyiflow.cluster.topology_yaml import load_topology
-
     from ruyiflow.onnx_exports import export_fingerprint
 
     _, topo_path = ort_cluster

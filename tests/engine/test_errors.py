@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+
 from ruyiflow.engine.checkpoint import load_model
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.errors import HandoffError, InvalidRequest, ModelLoadError, ModelMismatch
 from ruyiflow.engine.sampling import SamplingParams
-
 from tests import tiny
 
 PROMPT = [1, 504, 3458, 282, 4649]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.sampling import SamplingParams
 

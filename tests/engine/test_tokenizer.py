@@ -10,9 +10,10 @@ from pathlib import Path
 
 import gguf
 import pytest
-from ruyiflow.engine.tokenizer import PRE_TOKENIZER_STYLES, Tokenizer, TokenizerError, byte_alphabet
 from tokenizers import Tokenizer as HFBackend
 from tokenizers import pre_tokenizers
+
+from ruyiflow.engine.tokenizer import PRE_TOKENIZER_STYLES, Tokenizer, TokenizerError, byte_alphabet
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

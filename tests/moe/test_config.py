@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from ruyiflow.engine.checkpoint import load_model
 from ruyiflow.engine.errors import InvalidRequest, ModelLoadError
 from ruyiflow.engine.moe.hf_config import moe_config_from_hf
 from ruyiflow.engine.moe.rope import inv_frequencies
-from safetensors.torch import load_file, save_file
-
 from tests.moe.test_parity import IDS, TOL, ours
 from tests.moe.tiny_moe import hf_logits
 

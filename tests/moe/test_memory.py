@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ruyiflow.engine.checkpoint import load_model
 from ruyiflow.engine.errors import ModelLoadError
 from ruyiflow.engine.model import Work
 from ruyiflow.engine.moe.hf_config import moe_config_from_hf
 from ruyiflow.engine.moe.memory import available_memory, check_memory, estimate_memory, parse_bytes
-
 from tests.moe.test_config import DOTS_LLM1, HUNYUAN_A13B
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.model import Work
 from ruyiflow.engine.sampling import SamplingParams
-
 from tests.moe.conftest import VARIANTS
 from tests.moe.tiny_moe import hf_greedy, hf_logits
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from ruyiflow.engine import sampling as st
 from ruyiflow.engine import sampling_np as sn
 from ruyiflow.engine.ngrams import NgramIndex

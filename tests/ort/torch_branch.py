@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from ruyiflow.engine.checkpoint import LoadedModel
 from ruyiflow.engine.model import Work
 

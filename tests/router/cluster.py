@@ -11,7 +11,6 @@ from ruyiflow.cluster.topology import Topology
 from ruyiflow.cluster.topology_yaml import parse_topology
 from ruyiflow.router.client import RouterClient
 from ruyiflow.router.daemon import RouterDaemon
-
 from tests.router.fake_node import FakeNode
 
 DEFAULT_NODES = (

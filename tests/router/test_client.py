@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from ruyiflow.cluster.grpc_server import serve_grpc
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from ruyiflow.cluster.errors import InvalidRequest, NodeUnavailable, Overloaded
 from ruyiflow.cluster.grpc_errors import UpstreamStatus, internal_details
 from ruyiflow.cluster.grpc_server import Admission, serve_grpc, service_name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ruyiflow.cluster.errors import InvalidRequest, ModelMismatch
 from ruyiflow.router.policy import choose_handoff_mode, hidden_state_bytes
 

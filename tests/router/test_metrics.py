@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from ruyiflow.router.metrics import RouterMetrics
 
 NODES = ("edge-0", "cloud-0")

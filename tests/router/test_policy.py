@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from ruyiflow.cluster.errors import (
     InvalidRequest,
     ModelMismatch,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from ruyiflow.cluster.errors import TopologyError
 from ruyiflow.cluster.topology import Topology
 from ruyiflow.cluster.topology_yaml import parse_topology

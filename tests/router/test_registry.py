@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from ruyiflow.router.metrics import RouterMetrics
 from ruyiflow.router.registry import NodeRegistry
-
 from tests.router.cluster import DEFAULT_NODES, free_port, make_topology
 from tests.router.fake_node import FINGERPRINT, FakeNode
 

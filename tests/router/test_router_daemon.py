@@ -15,9 +15,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+
 from ruyiflow.router.client import RouterClient
 from ruyiflow.router.daemon import RouterDaemon, main, run_router
-
 from tests.router.cluster import (
     DEFAULT_NODES,
     EASY_PROMPT,

@@ -7,8 +7,8 @@ import time
 
 import grpc
 import pytest
-from ruyiflow.proto import ruyiflow_pb2 as pb
 
+from ruyiflow.proto import ruyiflow_pb2 as pb
 from tests.router.cluster import EASY_PROMPT
 
 EXPECTED = list(range(100, 108))

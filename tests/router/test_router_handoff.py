@@ -5,8 +5,8 @@ route trace."""
 from __future__ import annotations
 
 import grpc
-from ruyiflow.proto import ruyiflow_pb2 as pb
 
+from ruyiflow.proto import ruyiflow_pb2 as pb
 from tests.router.cluster import EASY_PROMPT
 from tests.router.fake_node import HIDDEN_PAYLOAD
 

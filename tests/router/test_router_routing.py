@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.router.requests import MAX_PROMPT_BYTES, MAX_PROMPT_TOKEN_IDS
-
 from tests.router.cluster import EASY_PROMPT, HARD_PROMPT
 
 

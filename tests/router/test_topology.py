@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from ruyiflow.cluster.errors import TopologyError
 from ruyiflow.cluster.topology import LinkSpec, NodeSpec, Threshold, Topology
 from ruyiflow.cluster.topology_yaml import parse_topology
