@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     routing.add_argument("--prompts", required=True, help="prompt set (JSON Lines)")
     routing.add_argument("--results", help="`eval exits` results (default: run the exits now)")
     routing.add_argument("--scorer", help="learned scorer model file (adds `learned` policies)")
-    routing.add_argument("--plot", help="write a PNG of quality vs compute here")
+    routing.add_argument(
+        "--plot", help="write a PNG of quality vs compute here (needs the `plot` extra)"
+    )
     routing.add_argument("--json", action="store_true", help="one JSON object per policy")
     routing.add_argument("--quality", choices=["agreement", "answer"], default="agreement")
     routing.add_argument("--topology", help="take thresholds/escalation/tiers from this file")
@@ -67,6 +69,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ruyiflow.evaluation.prompts import load_prompts
 
+    if getattr(args, "plot", None):
+        from ruyiflow.evaluation.plot import require_matplotlib
+
+        require_matplotlib()  # before minutes of runs, not after them
     prompts = load_prompts(args.prompts)[: args.limit]
     if args.batch < 1 or (args.max_tokens is not None and args.max_tokens < 1):
         raise InvalidRequest("--batch and --max-tokens must be >= 1")
@@ -95,7 +101,7 @@ def _exits_to(path: Path | None, engine, prompts, max_tokens: int, overwrite: bo
     from ruyiflow.evaluation.results import append_result, build_result, load_results
     from ruyiflow.evaluation.runner import run_exits
 
-    fingerprint = engine.loaded.fingerprint
+    fingerprint = engine.fingerprint
     if path is not None and overwrite and path.exists():
         path.unlink()
     done = {}
@@ -193,10 +199,10 @@ def run_routing(args: argparse.Namespace, prompts) -> int:
     if not args.no_escalation:
         engine = engine or _load(args)
         fingerprint = results[0].fingerprint
-        if fingerprint is not None and fingerprint != engine.loaded.fingerprint:
+        if fingerprint is not None and fingerprint != engine.fingerprint:
             raise ModelMismatch(
                 f"results were made with model {fingerprint}, --model is"
-                f" {engine.loaded.fingerprint}: escalation runs would not be comparable"
+                f" {engine.fingerprint}: escalation runs would not be comparable"
             )
         runs = _escalation_runs(args, engine, prompts, max_tokens, setup.escalation)
     curves = routing.policy_curves(results, scorers, runs, setup)
@@ -217,7 +223,7 @@ def _escalation_runs(args, engine, prompts, max_tokens: int, settings) -> dict:
     from ruyiflow.evaluation.runner import load_runs, run_escalation, save_runs
 
     meta = {
-        "fingerprint": engine.loaded.fingerprint,
+        "fingerprint": engine.fingerprint,
         "max_tokens": max_tokens,
         "window": settings.window,
         "threshold": settings.threshold,
@@ -235,7 +241,7 @@ def _escalation_runs(args, engine, prompts, max_tokens: int, settings) -> dict:
 
 
 def _plot(curves, quality: str, path: str, quiet: bool) -> None:
-    from ruyiflow.evaluation.plot import PALETTE, line_plot, write_png
+    from ruyiflow.evaluation.plot import line_plot, write_png
     from ruyiflow.evaluation.policies import frontier
 
     series = [
@@ -245,5 +251,3 @@ def _plot(curves, quality: str, path: str, quiet: bool) -> None:
     write_png(path, line_plot(series, "compute (relative to always-deepest)", quality))
     if not quiet:
         print(f"\nplot: {path}")
-        for k, (name, _) in enumerate(series):
-            print(f"  rgb{PALETTE[k % len(PALETTE)]}  {name}")

@@ -5,10 +5,7 @@ stdout."""
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-
-BAR_WIDTH = 30
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,48 +30,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-class ProgressBar:
-    """One stderr line redrawn in place: `[#####-----]  50% weights`."""
-
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.last = ""
-
-    def __call__(self, stage: str, fraction: float) -> None:
-        done = int(BAR_WIDTH * min(max(fraction, 0.0), 1.0))
-        line = f"[{'#' * done}{'-' * (BAR_WIDTH - done)}] {fraction:4.0%} {stage}"
-        if line != self.last:
-            self.stream.write(f"\r{line:<{len(self.last)}}")
-            self.stream.flush()
-            self.last = line
-
-    def close(self) -> None:
-        if self.last:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def run(args: argparse.Namespace) -> int:
     from ruyiflow.cmd_generate import parse_ids
     from ruyiflow.engine.checkpoint import load_model
     from ruyiflow.export.onnx_export import export_branch
+    from ruyiflow.progress import progress_bar
 
     started = time.perf_counter()
     extra = parse_ids(args.extra_exits) if args.extra_exits else None
     loaded = load_model(args.model, args.dtype, extra)
-    bar = ProgressBar()
-    try:
+    with progress_bar(100, f"export exit {args.exit}", "%") as bar:
         manifest = export_branch(
             loaded,
             args.exit,
             args.out,
             quant=args.quant,
-            progress=bar,
+            progress=bar.report,
             max_context=args.max_context,
             quantize_head=not args.keep_head_float,
         )
-    finally:
-        bar.close()
     total = sum(f["bytes"] for f in manifest.files.values())
     print(f"exported     {args.out}")
     print(f"model        {manifest.model_name}  fingerprint {manifest.fingerprint}")

@@ -131,12 +131,17 @@ class Cluster:
 def demo(router_address: str) -> None:
     from ruyiflow.router.client import RouterClient, format_trace
 
+    print(
+        f"\n[up] demo: {len(DEMO_PROMPTS)} queries, an easy one and a hard one; each answer is "
+        "followed by its route (difficulty score, then the node, tier and exit of each span)",
+        flush=True,
+    )
     with RouterClient(router_address) as client:
         for prompt in DEMO_PROMPTS:
-            print(f"\n>>> {prompt}")
+            print(f"\n>>> {prompt}", flush=True)
             result = client.complete(prompt, max_tokens=48)
             print(result.text)
-            print(format_trace(result.trace))
+            print(format_trace(result.trace), flush=True)
 
 
 def run(args: argparse.Namespace) -> int:

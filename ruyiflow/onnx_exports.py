@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 
@@ -53,26 +52,17 @@ def ensure_export(
     """Export `exit_layer` of `model` (a LoadedModel) to `path` unless an export of the same
     model fingerprint is there; True when one was made. Shows a progress bar unless `quiet`."""
     from ruyiflow.export.onnx_export import export_branch
+    from ruyiflow.progress import progress_bar
 
     if export_fingerprint(path) == model.fingerprint:
         return False
     what = f"exit {exit_layer}" + (f" ({quant})" if quant else "")
 
-    def progress(stage: str, done: float) -> None:
-        if quiet:
-            return
-        width = 30
-        bar = "#" * int(done * width)
-        line = f"\r[ruyiflow] exporting {what} [{bar:<{width}}] {done:4.0%} {stage:<24}"
-        sys.stderr.write(line)
-        sys.stderr.flush()
-
     tmp = path.with_name(path.name + ".partial")
     for stale in (tmp, path):
         if stale.exists():
             shutil.rmtree(stale)
-    export_branch(model, exit_layer, tmp, quant=quant, progress=progress)
+    with progress_bar(100, f"[ruyiflow] exporting {what}", "%", disable=quiet) as bar:
+        export_branch(model, exit_layer, tmp, quant=quant, progress=bar.report)
     tmp.rename(path)  # only a finished export is ever found under `path`
-    if not quiet:
-        sys.stderr.write("\n")
     return True

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+
+import pytest
 
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.sampling import SamplingParams
@@ -56,3 +59,34 @@ def test_bad_input_is_a_clear_error():
     assert result.returncode == 2 and "exit 13 is not an exit" in result.stderr
     result = ruyiflow("generate", "--model", "/nonexistent/model", "hi")
     assert result.returncode == 2 and "no such model" in result.stderr
+
+
+@pytest.mark.slow
+def test_up_demo_logs_routes_and_no_tracebacks(tmp_path):
+    """`make up` into a log file: every demo answer followed by its route; nodes still loading
+    are expected (no traceback, no ERROR); no progress-bar redraws (carriage returns)."""
+    from ruyiflow.cmd_up import DEMO_PROMPTS
+    from ruyiflow.local_cluster import write_topology
+
+    topology = tmp_path / "topology.yaml"
+    write_topology(topology)  # free loopback ports: other tests may be serving
+    log = tmp_path / "up.log"
+    with log.open("w") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "ruyiflow", "up", "--topology", str(topology), "--demo"]
+            + ["--exit-after-demo"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        )
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    assert "Traceback" not in text and not re.search(r"\b(ERROR|CRITICAL)\b", text), text
+    assert "\r" not in text and len(text.splitlines()) < 80, text
+    lines = text.splitlines()
+    asked = [i for i, line in enumerate(lines) if line.startswith(">>> ")]
+    assert [lines[i][4:] for i in asked] == list(DEMO_PROMPTS), text
+    for start, end in zip(asked, [*asked[1:], len(lines)], strict=True):
+        answer = lines[start + 1 : end]
+        assert any(line.startswith("route: difficulty") for line in answer), answer
+        assert any(line.startswith("  span ") for line in answer), answer

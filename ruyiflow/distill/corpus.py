@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from ruyiflow.distill.progress import Progress
 from ruyiflow.engine.checkpoint import LoadedModel
 from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.engine.kv_cache import SequenceCache
 from ruyiflow.engine.sampling import SamplingParams
+from ruyiflow.progress import Bar, progress_bar
 
 SEED_PROMPTS = Path(__file__).with_name("seed_prompts.txt")
 HELD_OUT_EVERY = 6  # prompts 5, 11, 17, ... are held out
@@ -87,7 +87,7 @@ def generate_many(
     jobs: Iterator[tuple[list[int], SamplingParams]],
     max_batch: int,
     budget: int | None = None,
-    progress: Progress | None = None,
+    progress: Bar | None = None,
     on_finish: Callable[[int, Sample, SequenceCache], None] | None = None,
     num_threads: int | None = None,
 ) -> list[Sample]:
@@ -110,7 +110,7 @@ def _generate(
     jobs: Iterator[tuple[list[int], SamplingParams]],
     max_batch: int,
     budget: int | None,
-    progress: Progress | None,
+    progress: Bar | None,
     on_finish: Callable[[int, Sample, SequenceCache], None] | None,
 ) -> list[Sample]:
     from ruyiflow.engine.engine import Engine
@@ -150,7 +150,7 @@ def _generate(
                 sample = Sample(prompt + generated[event.seq_id], len(prompt))
                 on_finish(index[event.seq_id], sample, cache)
         if progress is not None:
-            progress.update(min(done_tokens, progress.total), sequences=len(order))
+            progress.advance_to(min(done_tokens, progress.total), sequences=len(order))
     return [Sample(prompts[s] + generated[s], len(prompts[s])) for s in order]
 
 
@@ -186,27 +186,23 @@ def build_corpus(
     train_ids = [chat_ids(loaded, p) for p in train_prompts]
     greedy = SamplingParams(max_tokens=settings.max_new_tokens)
     held_budget = len(held_prompts) * settings.max_new_tokens
-    bar = None if quiet else Progress("corpus held-out", held_budget, " tok")
-    held = generate_many(
-        loaded,
-        ((chat_ids(loaded, p), greedy) for p in held_prompts),
-        settings.max_batch,
-        progress=bar,
-    )
-    if bar is not None:
-        bar.close()
-    bar = None if quiet else Progress("corpus train", settings.tokens, " tok")
-    train = generate_many(
-        loaded,
-        _train_jobs(train_ids, settings),
-        settings.max_batch,
-        settings.tokens,
-        bar,
-        on_train_finish,
-        num_threads=1,
-    )
-    if bar is not None:
-        bar.close()
+    with progress_bar(held_budget, "corpus held-out", "tok", disable=quiet) as bar:
+        held = generate_many(
+            loaded,
+            ((chat_ids(loaded, p), greedy) for p in held_prompts),
+            settings.max_batch,
+            progress=bar,
+        )
+    with progress_bar(settings.tokens, "corpus train", "tok", disable=quiet) as bar:
+        train = generate_many(
+            loaded,
+            _train_jobs(train_ids, settings),
+            settings.max_batch,
+            settings.tokens,
+            bar,
+            on_train_finish,
+            num_threads=1,
+        )
     return Corpus(train, held)
 
 

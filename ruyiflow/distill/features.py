@@ -21,9 +21,9 @@ import torch
 
 from ruyiflow.distill.branch import BranchWeights, branch_forward
 from ruyiflow.distill.corpus import Sample
-from ruyiflow.distill.progress import Progress
 from ruyiflow.engine.kv_cache import SequenceCache
 from ruyiflow.engine.model import FamilyModel, Work
+from ruyiflow.progress import progress_bar
 
 FEATURES_VERSION = 1
 GROUP_TOKENS = 2048  # trunk rows per forward call
@@ -177,16 +177,13 @@ def compute_features(
     """Recompute features of a cached corpus with the trunk (when exits or top-k changed)."""
     builder = FeatureBuilder(model, exits, top_k)
     total = sum(len(s.ids) for s in samples)
-    bar = None if quiet else Progress("features", total, " tok")
     done = 0
-    for group in sample_groups(samples):
-        chunk = [samples[i] for i in group]
-        builder.add_states(group[0], chunk, boundary_states(model, chunk))
-        done += sum(len(s.ids) for s in chunk)
-        if bar is not None:
-            bar.update(done)
-    if bar is not None:
-        bar.close()
+    with progress_bar(total, "features", "tok", disable=quiet) as bar:
+        for group in sample_groups(samples):
+            chunk = [samples[i] for i in group]
+            builder.add_states(group[0], chunk, boundary_states(model, chunk))
+            done += sum(len(s.ids) for s in chunk)
+            bar.advance_to(done)
     return builder.build(len(samples))
 
 

@@ -20,9 +20,9 @@ import torch
 
 from ruyiflow.distill.branch import BranchWeights, LoraBranch, branch_forward
 from ruyiflow.distill.features import Features, loss_rows
-from ruyiflow.distill.progress import Progress
 from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.engine.model import FamilyModel
+from ruyiflow.progress import progress_bar
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -313,19 +313,15 @@ class Trainer:
         """Train to `settings.steps`, checkpointing every `checkpoint_every` steps and at the
         end. `on_step(step)` runs after each step. Returns the seconds this call trained."""
         s = self.settings
-        bar = None if quiet else Progress("train", s.steps, " steps")
         started = time.perf_counter()
-        if bar is not None:
-            bar.update(self.step)
-        while self.step < s.steps:
-            record = self.train_step()
-            if self.step % s.checkpoint_every == 0 or self.step == s.steps:
-                self.save(out_dir)
-            if bar is not None:
+        # `initial`: a resumed run's rate and ETA count only the steps this call trains
+        with progress_bar(s.steps, "train", "step", initial=self.step, disable=quiet) as bar:
+            while self.step < s.steps:
+                record = self.train_step()
+                if self.step % s.checkpoint_every == 0 or self.step == s.steps:
+                    self.save(out_dir)
                 shown = {f"kl{e}": v for e, v in record.items()}
-                bar.update(self.step, lr=lr_at(self.step - 1, s), **shown)
-            if on_step is not None:
-                on_step(self.step)
-        if bar is not None:
-            bar.close()
+                bar.advance_to(self.step, lr=lr_at(self.step - 1, s), **shown)
+                if on_step is not None:
+                    on_step(self.step)
         return time.perf_counter() - started

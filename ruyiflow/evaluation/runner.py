@@ -13,19 +13,18 @@ branch layer over them: (e' - e + 1) x L (engine.model.FamilyModel.switch_exit).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.engine.sampling import SamplingParams
 from ruyiflow.evaluation.prompts import Prompt
 from ruyiflow.node.escalation import EscalationSettings, EscalationWatch
+from ruyiflow.progress import Bar, progress_bar
 
 
 @dataclass(frozen=True)
@@ -70,41 +69,6 @@ class Run:
         )
 
 
-class Progress:
-    """A one-line progress bar on stderr, redrawn at most every `every_s` seconds (default 0.5 on
-    a terminal, 10 into a log file)."""
-
-    def __init__(
-        self, total: int, label: str, stream: TextIO | None = None, every_s: float | None = None
-    ):
-        self.total, self.label = total, label
-        self.stream = stream or sys.stderr
-        self.every_s = every_s if every_s is not None else 0.5 if self.stream.isatty() else 10.0
-        self.done = self.tokens = 0
-        self.started = self.shown = time.perf_counter()
-
-    def update(self, runs: int = 0, tokens: int = 0) -> None:
-        self.done += runs
-        self.tokens += tokens
-        now = time.perf_counter()
-        if now - self.shown >= self.every_s or self.done == self.total:
-            self.shown = now
-            self._draw(now - self.started)
-
-    def _draw(self, elapsed: float) -> None:
-        frac = self.done / self.total if self.total else 1.0
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        rate = self.tokens / elapsed if elapsed > 0 else 0.0
-        eta = elapsed * (1 - frac) / frac if frac > 0 else 0.0
-        self.stream.write(
-            f"\r{self.label} [{bar}] {self.done}/{self.total} runs"
-            f"  {rate:.0f} tokens/s  {elapsed:.0f}s elapsed, ETA {eta:.0f}s "
-        )
-        if self.done == self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def prompt_ids(engine: Engine, prompt: Prompt) -> list[int]:
     tok = engine.tokenizer
     return tok.encode(tok.apply_chat_template(prompt.conversation()))
@@ -114,10 +78,12 @@ def run_jobs(
     engine: Engine,
     jobs: Iterable[Job],
     on_done: Callable[[Run], None],
-    progress: Progress | None = None,
+    progress: Bar | None = None,
 ) -> None:
-    """Run every job to completion, `engine.max_batch` at a time; `on_done` gets each Run."""
+    """Run every job to completion, `engine.max_batch` at a time; `on_done` gets each Run.
+    `progress` counts runs, with the tokens per second generated so far as its postfix."""
     pending = deque(jobs)
+    num_tokens, started = 0, time.perf_counter()
     active: dict[str, tuple[Job, Run, EscalationWatch | None]] = {}
     while pending or active:
         while pending and len(active) < engine.max_batch:
@@ -138,7 +104,9 @@ def run_jobs(
                 run.final_exit = event.exit
                 on_done(run)
                 if progress is not None:
-                    progress.update(runs=1, tokens=len(run.token_ids))
+                    num_tokens += len(run.token_ids)
+                    rate = num_tokens / max(time.perf_counter() - started, 1e-9)
+                    progress.advance(**{"tok/s": f"{rate:.0f}"})
             elif watch is not None and run.switched_at is None:
                 if watch.observe(event.confidence.max_prob) is not None:
                     # greedy and between two steps: the next token comes from the deeper exit
@@ -176,7 +144,8 @@ def run_exits(
         for ids in [prompt_ids(engine, p)]
         for e in exits
     ]
-    run_jobs(engine, jobs, done, Progress(len(jobs), label))
+    with progress_bar(len(jobs), label, "run") as bar:
+        run_jobs(engine, jobs, done, bar)
 
 
 def run_escalation(
@@ -197,7 +166,8 @@ def run_escalation(
         for e in starts
     ]
     runs: dict[tuple[str, int], Run] = {}
-    run_jobs(engine, jobs, lambda r: runs.__setitem__(r.key, r), Progress(len(jobs), "escalation"))
+    with progress_bar(len(jobs), "escalation", "run") as bar:
+        run_jobs(engine, jobs, lambda r: runs.__setitem__(r.key, r), bar)
     return runs
 
 

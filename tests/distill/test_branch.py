@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import torch
-from ruyiflow.engine.checkpoint import load_model
-from ruyiflow.engine.model import Work
-from ruyiflow.engine.overlay import merged_branch
 
 from ruyiflow.distill.branch import BranchWeights, LoraBranch, branch_forward
 from ruyiflow.distill.corpus import Sample
 from ruyiflow.distill.features import boundary_states, exit_logits
 from ruyiflow.distill.train import DistillLoss, distill_loss
+from ruyiflow.engine.checkpoint import load_model
+from ruyiflow.engine.model import Work
+from ruyiflow.engine.overlay import merged_branch
 
 IDS = [5, 17, 33, 100, 2, 9, 250, 11, 40]
 

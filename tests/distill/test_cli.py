@@ -6,9 +6,9 @@ import argparse
 import json
 
 import pytest
-from ruyiflow.engine.errors import InvalidRequest
 
 from ruyiflow import cmd_distill
+from ruyiflow.engine.errors import InvalidRequest
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -7,18 +7,18 @@ import json
 
 import pytest
 import torch
-from ruyiflow.engine.checkpoint import load_model
-from ruyiflow.engine.engine import Engine
-from ruyiflow.engine.errors import ModelLoadError, ModelMismatch
-from ruyiflow.engine.model import Work
-from ruyiflow.engine.overlay import FORMAT, read_overlay
-from ruyiflow.engine.sampling import SamplingParams
 from safetensors.torch import save_file
 
 from ruyiflow.distill.branch import BranchWeights, branch_forward
 from ruyiflow.distill.corpus import Sample
 from ruyiflow.distill.features import boundary_states
 from ruyiflow.distill.overlay import save_overlay
+from ruyiflow.engine.checkpoint import load_model
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.errors import ModelLoadError, ModelMismatch
+from ruyiflow.engine.model import Work
+from ruyiflow.engine.overlay import FORMAT, read_overlay
+from ruyiflow.engine.sampling import SamplingParams
 from tests.distill.conftest import EXITS
 
 IDS = [1, 45, 200, 7, 19, 88, 3, 150, 61, 12]

@@ -3,12 +3,11 @@ closer to the last one on held-out prompts (prompts never trained on)."""
 
 from __future__ import annotations
 
+from ruyiflow.distill.corpus import chat_ids, generate_many, read_prompts, split_prompts
+from ruyiflow.distill.quality import exit_quality, trunk_states
 from ruyiflow.engine.checkpoint import EMBEDDED_EXTRA_EXITS, EMBEDDED_OVERLAY, load_model
 from ruyiflow.engine.overlay import read_overlay
 from ruyiflow.engine.sampling import SamplingParams
-
-from ruyiflow.distill.corpus import chat_ids, generate_many, read_prompts, split_prompts
-from ruyiflow.distill.quality import exit_quality, trunk_states
 
 
 def test_shipped_overlay_is_small_and_made_for_the_default_exits():

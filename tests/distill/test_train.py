@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ruyiflow.engine.checkpoint import load_model
-from ruyiflow.engine.errors import InvalidRequest
 
 from ruyiflow.distill.corpus import build_corpus, read_prompts
 from ruyiflow.distill.features import FeatureBuilder, compute_features
 from ruyiflow.distill.train import Trainer, TrainSettings, batch_indices, lr_at, mean_kl
+from ruyiflow.engine.checkpoint import load_model
+from ruyiflow.engine.errors import InvalidRequest
 from tests.distill.conftest import EXITS, one_thread, run_settings
 
 
@@ -26,9 +26,11 @@ def data(tiny_dir, prompts_file):
     return loaded, corpus, builder.build(len(corpus.train))
 
 
-def test_features_from_generation_equal_recomputed(data):
+def test_features_from_generation_equal_recomputed(data, capsys):
     loaded, corpus, features = data
-    again = compute_features(loaded.model, corpus.train, EXITS, 32, quiet=True)
+    again = compute_features(loaded.model, corpus.train, EXITS, 32, quiet=False)
+    bar = capsys.readouterr().err.splitlines()  # not a terminal: its start and its end
+    assert len(bar) == 2 and bar[-1].startswith("features: 100% "), bar
     assert again.lengths == features.lengths and again.num_answer == features.num_answer
     assert sum(features.num_answer) == corpus.num_completion_tokens()
     for e in EXITS:
@@ -60,7 +62,7 @@ def final_params(trainer):
     }
 
 
-def test_interrupted_then_resumed_run_equals_uninterrupted(data, tmp_path):
+def test_interrupted_then_resumed_run_equals_uninterrupted(data, tmp_path, capsys):
     loaded, _, features = data
     _, settings = run_settings(steps=7)  # checkpoints every 5 steps and at the end
     whole = Trainer(loaded.model, features, settings, "key")
@@ -75,7 +77,12 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(data, tmp_path):
         interrupted.run(tmp_path / "b", quiet=True, on_step=stop_at_six)
     resumed = Trainer(loaded.model, features, settings, "key")
     assert resumed.restore(tmp_path / "b") and resumed.step == 5  # the last checkpoint
-    resumed.run(tmp_path / "b", quiet=True)
+    capsys.readouterr()
+    resumed.run(tmp_path / "b")
+    # its bar starts where the checkpoint left off and ends with the KL per exit and the lr
+    bar = capsys.readouterr().err.splitlines()
+    assert len(bar) == 2 and bar[0].startswith("train:  71% 5/7 "), bar
+    assert bar[-1].startswith("train: 100% 7/7 ") and all(k in bar[-1] for k in ("kl1=", "lr="))
     assert resumed.step == 7 and resumed.history == whole.history
     a, b = final_params(whole), final_params(resumed)
     assert a.keys() == b.keys()

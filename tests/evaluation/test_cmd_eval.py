@@ -6,9 +6,9 @@ import argparse
 import json
 
 import pytest
-from ruyiflow.engine.errors import InvalidRequest, ModelMismatch
 
 from ruyiflow import cmd_eval
+from ruyiflow.engine.errors import InvalidRequest, ModelMismatch
 from ruyiflow.evaluation.results import load_results
 
 KEYS = {"policy", "apgr", "cpt50", "cpt80", "quality_at_half_compute", "points", "default"}

@@ -7,8 +7,8 @@ import re
 from collections import Counter
 
 import pytest
-from ruyiflow.engine.errors import InvalidRequest
 
+from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.evaluation.prompts import CATEGORIES, HELDOUT_PROMPTS, TRAIN_PROMPTS, load_prompts
 from ruyiflow.evaluation.results import (
     agreement,

@@ -4,8 +4,8 @@ ruyiflow.evaluation.metrics)."""
 from __future__ import annotations
 
 import pytest
-from ruyiflow.engine.errors import InvalidRequest
 
+from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.evaluation import metrics
 
 WEAK, STRONG = (0.4, 0.2), (1.0, 1.0)

@@ -139,7 +139,6 @@ def test_frontier_keeps_envelope_corners():
 
 def test_match_results_orders_and_checks():
     from ruyiflow.engine.errors import InvalidRequest
-
     from ruyiflow.evaluation.routing import match_results
 
     res = results()

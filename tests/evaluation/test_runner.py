@@ -3,14 +3,13 @@ escalation that really switches the running sequence to the deepest exit."""
 
 from __future__ import annotations
 
-import io
+import re
 
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.sampling import SamplingParams
-from ruyiflow.node.escalation import EscalationSettings
-
 from ruyiflow.evaluation.prompts import load_prompts
-from ruyiflow.evaluation.runner import Progress, prompt_ids, run_escalation, run_exits
+from ruyiflow.evaluation.runner import prompt_ids, run_escalation, run_exits
+from ruyiflow.node.escalation import EscalationSettings
 
 MAX_TOKENS = 6
 
@@ -71,12 +70,15 @@ def test_escalation_that_never_fires_is_the_plain_run(tiny_model, prompt_file):
         assert run.token_ids == alone(tiny_model, ids, start)[0]
 
 
-def test_progress_bar_reaches_the_total():
-    out = io.StringIO()
-    bar = Progress(4, "x", stream=out, every_s=0.0)
-    for _ in range(4):
-        bar.update(runs=1, tokens=3)
-    assert "4/4 runs" in out.getvalue() and out.getvalue().endswith("\n")
+def test_runs_show_runs_done_and_tokens_per_second(tiny_model, prompt_file, capsys):
+    prompts = load_prompts(prompt_file)
+    run_exits(Engine(tiny_model, max_batch=5), prompts, MAX_TOKENS, lambda p, runs: None)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines  # not a terminal: its start and its end, no redraws
+    last = lines[-1]  # 4 prompts x 3 exits; tqdm writes s/run below one run a second
+    assert last.startswith("eval exits: 100% 12/12 ["), last
+    rate = re.search(r"(run/s|s/run), tok/s=(\d+)\]$", last)
+    assert rate and int(rate.group(2)) > 0, last
 
 
 def test_smollm2_deepest_exit_answers_a_fact(smollm2):
