@@ -83,11 +83,6 @@ class ModelConfig:
     def last_exit(self) -> int:
         return self.exits[-1]
 
-    def exit_index(self, exit_layer: int) -> int:
-        """Index j of exit e (keys `eelayers.j`, `norms.j`, `lm_head.j`)."""
-        self.check_exit(exit_layer)
-        return self.exits.index(exit_layer)
-
     def check_exit(self, exit_layer: int) -> None:
         from ruyiflow.engine.errors import InvalidRequest
 

@@ -1,10 +1,9 @@
-"""Dense decoder layer (Llama / Qwen2 / Qwen3) over a packed batch of sequence segments.
+"""The dense decoder layer (Llama / Qwen2 / Qwen3) and what every family's forward shares:
+packing work items into one batch of rows, and the norm + head on each item's last row.
 
-Rows of `h` are the tokens of several sequences laid end to end; `Segment` says which rows belong
-to which sequence's KV buffers and at which position they start. A prefill is one segment of T
-rows, a decode step is B segments of one row each; both run the same code, and every projection
-and MLP matmul covers all rows at once. Only attention loops over segments, each reading exactly
-its own `length` of KV: nothing is padded.
+A forward call lays the tokens of several sequences end to end (prefill chunks and decode rows
+side by side): every projection and MLP matmul covers all rows at once; attention
+(`engine.attention`) runs per sequence over its own KV.
 """
 
 from __future__ import annotations
@@ -14,9 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ruyiflow.engine.rope import apply_rope
-from ruyiflow.kernels import rms_norm
-from ruyiflow.kernels.cpu_gemv import cpu_linear as linear
+from ruyiflow.engine.attention import KV, Geometry, Segment, gqa_attention
+from ruyiflow.engine.batch import Work
+from ruyiflow.engine.ops import linear, rms, rms_residual
+from ruyiflow.engine.rope import RopeTable
+
+__all__ = ["Geometry", "LayerWeights", "Segment", "decoder_layer", "last_logits", "pack"]
 
 
 @dataclass
@@ -37,67 +39,6 @@ class LayerWeights:
         return [t for t in vars(self).values() if t is not None]
 
 
-@dataclass(frozen=True)
-class Segment:
-    row: int  # first row in the packed batch
-    num_rows: int
-    start: int  # position of the first row (= KV entries already valid before it)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    eps: float
-
-
-def _causal_mask(num_rows: int, start: int) -> torch.Tensor:
-    """[T, start+T] bool: row t may attend to keys 0..start+t."""
-    keys = torch.arange(start + num_rows)
-    return keys[None, :] <= (start + torch.arange(num_rows))[:, None]
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segments: list[Segment],
-    caches: list[tuple[torch.Tensor, torch.Tensor]],
-    scale: float,
-) -> torch.Tensor:
-    """q [N, H, D], k/v [N, KVH, D] for new rows; caches[i] = (K, V) [KVH, cap, D] of segment i.
-
-    Writes the new K/V into each cache, attends causally over the cache, returns [N, H, D].
-    """
-    out = torch.empty_like(q)
-    for seg, (k_cache, v_cache) in zip(segments, caches, strict=True):
-        rows = slice(seg.row, seg.row + seg.num_rows)
-        end = seg.start + seg.num_rows
-        k_cache[:, seg.start : end] = k[rows].transpose(0, 1)
-        v_cache[:, seg.start : end] = v[rows].transpose(0, 1)
-        q_seg = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
-        k_seg = k_cache[:, :end].unsqueeze(0)  # [1, KVH, L, D]
-        v_seg = v_cache[:, :end].unsqueeze(0)
-        if seg.num_rows == 1:
-            o = F.scaled_dot_product_attention(q_seg, k_seg, v_seg, scale=scale, enable_gqa=True)
-        elif seg.start == 0:
-            o = F.scaled_dot_product_attention(
-                q_seg, k_seg, v_seg, is_causal=True, scale=scale, enable_gqa=True
-            )
-        else:
-            mask = _causal_mask(seg.num_rows, seg.start)
-            o = F.scaled_dot_product_attention(
-                q_seg, k_seg, v_seg, attn_mask=mask, scale=scale, enable_gqa=True
-            )
-        out[rows] = o[0].transpose(0, 1)
-    return out
-
-
-def _head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return rms_norm(x, weight, eps)[0]
-
-
 def decoder_layer(
     layer: LayerWeights,
     h: torch.Tensor,
@@ -105,29 +46,50 @@ def decoder_layer(
     cos: torch.Tensor,
     sin: torch.Tensor,
     segments: list[Segment],
-    caches: list[tuple[torch.Tensor, torch.Tensor]],
+    caches: list[KV],
 ) -> torch.Tensor:
     """h [N, hidden] residual stream in, residual stream out (pre-norm layer)."""
-    n = h.shape[0]
-    H, KVH, D = geo.num_heads, geo.num_kv_heads, geo.head_dim
-    x, _ = rms_norm(h, layer.input_norm, geo.eps)
-    qkv = linear(x, layer.w_qkv, layer.b_qkv)  # [N, (H + 2KVH) * D]
-    qk = qkv[:, : (H + KVH) * D].view(n, H + KVH, D)
-    v = qkv[:, (H + KVH) * D :].view(n, KVH, D)
-    if layer.q_norm is not None:
-        qk = torch.cat(
-            [
-                _head_norm(qk[:, :H], layer.q_norm, geo.eps),
-                _head_norm(qk[:, H:], layer.k_norm, geo.eps),
-            ],
-            dim=1,
-        )
-    qk = apply_rope(qk, cos, sin)  # q and k heads rotated together
-    q, k = qk[:, :H], qk[:, H:]
-    o = attention(q, k, v, segments, caches, D**-0.5)  # [N, H, D]
-    attn_out = linear(o.reshape(n, H * D), layer.w_o)
-    x, h = rms_norm(attn_out, layer.post_norm, geo.eps, residual=h)
+    x = rms(h, layer.input_norm, geo.eps)
+    attn_out = gqa_attention(layer, x, geo, cos, sin, segments, caches)
+    x, h = rms_residual(attn_out, h, layer.post_norm, geo.eps)
     gate_up = linear(x, layer.w_gate_up)  # [N, 2I]
     inter = gate_up.shape[-1] // 2
-    mlp = linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.w_down)
-    return h + mlp
+    return h + linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.w_down)
+
+
+def pack(
+    works: list[Work], rope: RopeTable, embed: torch.Tensor
+) -> tuple[list[Segment], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay the work items' tokens end to end -> (segments, embeddings h [rows, hidden], cos,
+    sin [rows, D]); reserves each cache for the positions it will hold."""
+    segments, row = [], 0
+    for w in works:
+        if not w.token_ids:
+            raise ValueError("a work item needs at least one token")
+        w.cache.reserve(w.start + len(w.token_ids))
+        segments.append(Segment(row, len(w.token_ids), w.start))
+        row += len(w.token_ids)
+    ids = torch.tensor([t for w in works for t in w.token_ids], dtype=torch.long)
+    positions = torch.cat([torch.arange(s.start, s.start + s.num_rows) for s in segments])
+    cos, sin = rope.gather(positions)
+    return segments, F.embedding(ids, embed), cos, sin
+
+
+def last_logits(
+    h: torch.Tensor,
+    segments: list[Segment],
+    wanted: list[bool],
+    norm: torch.Tensor,
+    head: torch.Tensor,
+    eps: float,
+) -> list[torch.Tensor | None]:
+    """float32 logits [vocab] of each segment's last row where wanted (else None): the final
+    norm and the head run only on those rows."""
+    want = [k for k, is_wanted in enumerate(wanted) if is_wanted]
+    result: list[torch.Tensor | None] = [None] * len(segments)
+    if want:
+        last = torch.tensor([segments[k].row + segments[k].num_rows - 1 for k in want])
+        logits = linear(rms(h[last], norm, eps), head).float()  # [len(want), vocab]
+        for j, k in enumerate(want):
+            result[k] = logits[j]
+    return result

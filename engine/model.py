@@ -11,15 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ruyiflow.engine.batch import Work  # noqa: F401 (re-exported)
 from ruyiflow.engine.config import ModelConfig
 from ruyiflow.engine.kv_cache import SequenceCache
-from ruyiflow.engine.layers import Geometry, LayerWeights, Segment, decoder_layer
+from ruyiflow.engine.layers import (
+    Geometry,
+    LayerWeights,
+    Segment,
+    decoder_layer,
+    last_logits,
+    pack,
+)
 from ruyiflow.engine.rope import RopeTable, inv_frequencies
-from ruyiflow.kernels import rms_norm
-from ruyiflow.kernels.cpu_gemv import cpu_linear as linear
 
 
 @dataclass
@@ -43,8 +47,9 @@ class FamilyModel:
         self.embed = embed  # [vocab, hidden]
         self.layers = layers
         self.branches = branches
+        qk_norm = "before_rope" if config.qk_norm else "none"  # Qwen3
         self.geo = Geometry(
-            config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
+            config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps, qk_norm
         )
         self.rope = RopeTable(inv_frequencies(config.rope, config.head_dim), dtype)
 
@@ -59,17 +64,7 @@ class FamilyModel:
         None where not wanted), in the order given. Updates each cache's length."""
         order = sorted(range(len(works)), key=lambda i: -works[i].exit)
         items = [works[i] for i in order]
-        segments, row = [], 0
-        for w in items:
-            if not w.token_ids:
-                raise ValueError("a work item needs at least one token")
-            w.cache.reserve(w.start + len(w.token_ids))
-            segments.append(Segment(row, len(w.token_ids), w.start))
-            row += len(w.token_ids)
-        ids = torch.tensor([t for w in items for t in w.token_ids], dtype=torch.long)
-        positions = torch.cat([torch.arange(s.start, s.start + s.num_rows) for s in segments])
-        cos, sin = self.rope.gather(positions)
-        h = F.embedding(ids, self.embed)  # [rows, hidden]
+        segments, h, cos, sin = pack(items, self.rope, self.embed)  # h [rows, hidden]
         logits: list[torch.Tensor | None] = [None] * len(items)
         exits = self.config.exits
         for i in range(items[0].exit + 1):
@@ -129,15 +124,8 @@ class FamilyModel:
         local = [Segment(s.row - row0, s.num_rows, s.start) for s in segments]
         caches = [w.cache.branch_kv(exit_layer) for w in items]
         out = decoder_layer(branch.layer, h, self.geo, cos, sin, local, caches)
-        want = [k for k, w in enumerate(items) if w.want_logits]
-        result: list[torch.Tensor | None] = [None] * len(items)
-        if want:
-            last_rows = torch.tensor([local[k].row + local[k].num_rows - 1 for k in want])
-            normed, _ = rms_norm(out[last_rows], branch.norm, self.config.rms_norm_eps)
-            lg = linear(normed, branch.head).float()  # [len(want), vocab]
-            for j, k in enumerate(want):
-                result[k] = lg[j]
-        return result
+        wanted = [w.want_logits for w in items]
+        return last_logits(out, local, wanted, branch.norm, branch.head, self.config.rms_norm_eps)
 
     # -- moving a running sequence between exits ---------------------------------------------
     @torch.inference_mode()

@@ -23,7 +23,7 @@ from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.errors import InvalidRequest, ModelLoadError, ModelMismatch
 from ruyiflow.engine.events import Confidence
 from ruyiflow.engine.handoff import HandoffState, RawTensor
-from ruyiflow.engine.runner import ModelRunner
+from ruyiflow.engine.runner import ModelRunner, pick_tokens
 from ruyiflow.engine.sampling_np import draw, exit_confidence, make_generator, process_row
 from ruyiflow.engine.sequence import Sequence
 
@@ -226,16 +226,8 @@ class OrtRunner(ModelRunner):
 
     def sample(self, rows: list[tuple[Sequence, np.ndarray]]) -> list[tuple[int, Confidence]]:
         stacked = np.stack([lg for _, lg in rows]).astype(np.float32)  # [B, V]
-        max_prob, margin, entropy = exit_confidence(stacked)
-        picks = []
-        for k, (seq, row) in enumerate(rows):
-            token = int(np.argmax(row))
-            if seq.params.needs_row_processing:
-                processed = process_row(row, seq.params, seq.token_ids, seq.ngrams)
-                token = draw(processed, seq.params, seq.generator)
-            conf = Confidence(float(max_prob[k]), float(margin[k]), float(entropy[k]))
-            picks.append((token, conf))
-        return picks
+        greedy = np.argmax(stacked, axis=-1).tolist()
+        return pick_tokens(rows, greedy, exit_confidence(stacked), process_row, draw)
 
     # -- moving ---------------------------------------------------------------------------------
     def switch_exit(self, cache: OrtCache, from_exit: int, to_exit: int) -> bool:

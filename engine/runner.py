@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from ruyiflow.engine.batch import Work
@@ -88,8 +89,25 @@ class ModelRunner(ABC):
         self.config.check_exit(exit_layer)
 
 
-def runner_names() -> tuple[str, ...]:
-    return tuple(RUNNERS)
+def pick_tokens(
+    rows: list[tuple[Sequence, Any]],
+    greedy: list[int],
+    confidence: tuple[Any, Any, Any],
+    process_row: Callable[..., Any],
+    draw: Callable[..., int],
+) -> list[tuple[int, Confidence]]:
+    """Each row's token: its greedy argmax, or a draw from its processed logits when the request
+    needs processors; with the branch's own (max_prob, margin, entropy), each [B]. `process_row`
+    and `draw` are the runner's array library's (torch or numpy), with the same semantics."""
+    max_prob, margin, entropy = confidence
+    picks = []
+    for k, (seq, row) in enumerate(rows):
+        token = greedy[k]
+        if seq.params.needs_row_processing:
+            processed = process_row(row, seq.params, seq.token_ids, seq.ngrams)
+            token = draw(processed, seq.params, seq.generator)
+        picks.append((token, Confidence(float(max_prob[k]), float(margin[k]), float(entropy[k]))))
+    return picks
 
 
 def open_runner(name: str, *args: Any, **kwargs: Any) -> ModelRunner:

@@ -13,7 +13,7 @@ from ruyiflow.engine.checkpoint import LoadedModel, load_model
 from ruyiflow.engine.errors import HandoffError
 from ruyiflow.engine.events import Confidence
 from ruyiflow.engine.handoff import HandoffState, RawTensor
-from ruyiflow.engine.runner import ModelRunner
+from ruyiflow.engine.runner import ModelRunner, pick_tokens
 from ruyiflow.engine.sampling import draw, make_generator, process_row
 from ruyiflow.engine.sequence import Sequence
 from ruyiflow.kernels import exit_confidence
@@ -61,17 +61,8 @@ class TorchRunner(ModelRunner):
 
     def sample(self, rows: list[tuple[Sequence, torch.Tensor]]) -> list[tuple[int, Confidence]]:
         stacked = torch.stack([lg for _, lg in rows])  # [B, V] float32
-        max_prob, margin, entropy = exit_confidence(stacked)
         greedy = torch.argmax(stacked, dim=-1).tolist()
-        picks = []
-        for k, (seq, row) in enumerate(rows):
-            token = greedy[k]
-            if seq.params.needs_row_processing:
-                processed = process_row(row, seq.params, seq.token_ids, seq.ngrams)
-                token = draw(processed, seq.params, seq.generator)
-            conf = Confidence(float(max_prob[k]), float(margin[k]), float(entropy[k]))
-            picks.append((token, conf))
-        return picks
+        return pick_tokens(rows, greedy, exit_confidence(stacked), process_row, draw)
 
     def switch_exit(self, cache: Any, from_exit: int, to_exit: int) -> bool:
         self.model.switch_exit(cache, from_exit, to_exit)

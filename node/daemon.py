@@ -81,6 +81,7 @@ def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | N
     prefill = engine.measure_prefill(max(spec.exits), WARMUP_TOKENS)
     worker = EngineWorker(engine, tuple(spec.exits))
     worker.start()
+    metrics.watch_load(worker.load)
     servicer.attach(worker, engine.fingerprint, prefill, engine.max_state_bytes(spec.max_context))
     served.set_serving(True)
     metrics.ready.labels(**metrics.lab()).set(1)

@@ -1,32 +1,16 @@
 """When a request should move to a deeper exit: per-token confidence under a threshold for a
 window of consecutive tokens, or a forced escalation after N tokens (tests, benchmarks).
-Pure Python, tested without a model."""
+Pure Python, tested without a model; the settings and their defaults are
+`ruyiflow.cluster.escalation`'s (the topology and the router use them too)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ruyiflow.cluster.escalation import EscalationSettings  # noqa: F401 (re-exported)
+
 LOW_CONFIDENCE = "low_confidence"
 FORCED = "forced"
-
-
-@dataclass(frozen=True)
-class EscalationSettings:
-    enabled: bool = False
-    window: int = 4
-    threshold: float = 0.3
-    force_after_tokens: int = 0  # 0 = never forced
-    force_to_exit: int | None = None
-
-    def __post_init__(self) -> None:
-        from ruyiflow.engine.errors import InvalidRequest
-
-        if self.window < 1:
-            raise InvalidRequest("escalation window must be >= 1")
-        if not 0.0 < self.threshold < 1.0:
-            raise InvalidRequest("escalation threshold must be in (0, 1)")
-        if self.force_after_tokens < 0:
-            raise InvalidRequest("force_after_tokens must be >= 0")
 
 
 @dataclass

@@ -7,12 +7,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Iterator
 
+from ruyiflow.cluster.wire import HANDOFF_MODE
 from ruyiflow.engine.errors import HandoffError
 from ruyiflow.engine.handoff import peek_metadata
 from ruyiflow.proto import ruyiflow_pb2 as pb
 
-MODE_NAMES = {pb.HANDOFF_MODE_HIDDEN: "hidden", pb.HANDOFF_MODE_TOKENS: "tokens"}
-MODE_ENUMS = {v: k for k, v in MODE_NAMES.items()}
+STATE_MODES = (pb.HANDOFF_MODE_HIDDEN, pb.HANDOFF_MODE_TOKENS)  # what a state on the wire is
 CHUNK_BYTES = 1 << 20
 
 
@@ -28,7 +28,7 @@ def header_for(
     num_prompt = int(meta.get("num_prompt_tokens", 0))
     return pb.HandoffHeader(
         request_id=request_id,
-        mode=MODE_ENUMS[meta["mode"]],
+        mode=HANDOFF_MODE.value(meta["mode"]),
         model_fingerprint=meta["fingerprint"],
         from_exit=int(meta["exit"]),
         to_exit=to_exit,
@@ -64,7 +64,7 @@ def read_state(
     if first is None or first.WhichOneof("part") != "header":
         raise HandoffError("state stream must start with a header")
     header = first.header
-    if header.mode not in MODE_NAMES:
+    if header.mode not in STATE_MODES:
         raise HandoffError("state header: mode must be HIDDEN or TOKENS")
     if header.total_bytes > max_bytes:
         raise HandoffError(f"state of {header.total_bytes} bytes exceeds the limit {max_bytes}")

@@ -3,6 +3,8 @@ topology: node, tier, exit, reason, outcome)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ruyiflow.cluster.metrics_http import BYTES_BUCKETS, INTER_TOKEN_BUCKETS
@@ -68,6 +70,11 @@ class NodeMetrics:
         self.ready = Gauge(
             "ruyiflow_node_ready", "1 when the model is loaded and serving", base, registry=r
         )
+
+    def watch_load(self, load: Callable[[], tuple[int, int, int]]) -> None:
+        """Read `running` and `queued` from `load()` (the engine thread's queues) at each scrape."""
+        self.running.labels(**self.lab()).set_function(lambda: load()[0])
+        self.queued.labels(**self.lab()).set_function(lambda: load()[1])
 
     def lab(self, **extra: str) -> dict[str, str]:
         return {**self.labels, **extra}

@@ -18,10 +18,10 @@ from typing import Any
 import grpc
 
 from ruyiflow.cluster.grpc_server import channel_options
+from ruyiflow.cluster.wire import FINISH_REASON, HANDOFF_MODE, TIER
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
-from ruyiflow.router.requests import MODE_ENUMS, TIER_ENUMS
-from ruyiflow.router.trace_view import finish_name, format_trace, trace_to_dict
+from ruyiflow.router.trace_view import format_trace, trace_to_dict
 
 __all__ = [
     "Completion",
@@ -103,15 +103,11 @@ def build_request(
     if exit is not None:
         request.overrides.exit = exit
     if tier is not None:
-        if tier not in TIER_ENUMS:
-            raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(TIER_ENUMS)}")
-        request.overrides.tier = TIER_ENUMS[tier]
+        request.overrides.tier = TIER.value(tier)
     if node is not None:
         request.overrides.node = node
     if handoff_mode is not None:
-        if handoff_mode not in MODE_ENUMS:
-            raise ValueError(f"unknown handoff mode {handoff_mode!r}")
-        request.overrides.handoff_mode = MODE_ENUMS[handoff_mode]
+        request.overrides.handoff_mode = HANDOFF_MODE.value(handoff_mode)
     for key, value in (escalation or {}).items():
         if key not in ESCALATION_FIELDS:
             raise ValueError(f"unknown escalation field {key!r}; fields: {ESCALATION_FIELDS}")
@@ -128,42 +124,11 @@ class RouterClient:
         self._channel = grpc.insecure_channel(address, options=channel_options())
         self._stub = pb_grpc.RouterStub(self._channel)
 
-    def generate(
-        self,
-        prompt: Prompt = None,
-        *,
-        token_ids: Sequence[int] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        exit: int | None = None,  # noqa: A002
-        tier: str | None = None,
-        node: str | None = None,
-        handoff_mode: str | None = None,
-        escalation: Mapping[str, Any] | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        enable_thinking: bool | None = None,
-        request_id: str | None = None,
-        raw: bool = False,
-    ) -> Iterator[pb.Chunk]:
+    def generate(self, prompt: Prompt = None, **options: Any) -> Iterator[pb.Chunk]:
         """Stream the answer's chunks; closing the iterator early cancels the request. `prompt`
-        is text or chat messages (or pass `token_ids`); the rest as in `build_request`."""
-        request = build_request(
-            prompt,
-            token_ids=token_ids,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            exit=exit,
-            tier=tier,
-            node=node,
-            handoff_mode=handoff_mode,
-            escalation=escalation,
-            seed=seed,
-            stop=stop,
-            enable_thinking=enable_thinking,
-            request_id=request_id,
-            raw=raw,
-        )
+        is text or chat messages; `options` (token_ids, max_tokens, exit, tier, ...) are
+        `build_request`'s."""
+        request = build_request(prompt, **options)
         call = self._stub.Generate(request, timeout=self.timeout)
         try:
             yield from call
@@ -189,7 +154,7 @@ class RouterClient:
             confidence.extend(chunk.confidence)
             sources.extend([chunk.source] * len(chunk.token_ids))
             if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                finish = finish_name(chunk.finish_reason)
+                finish = FINISH_REASON.name(chunk.finish_reason)
                 text = "".join(texts)
                 done = Completion(text, token_ids, confidence, finish, chunk.trace, sources)
         # Read to the end (not just the final chunk), so the call ends OK rather than cancelled.

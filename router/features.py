@@ -29,11 +29,10 @@ import numpy as np
 
 from ruyiflow.router.scorer import (
     DEPTH_SATURATION_TURNS,
-    LENGTH_CEIL_TOKENS,
-    LENGTH_FLOOR_TOKENS,
     WEIGHTS,
     HeuristicScorer,
     approx_tokens,
+    length_feature,
     message_text,
 )
 
@@ -79,13 +78,6 @@ _IS_SYMBOL[[ord(c) for c in string.punctuation]] = True
 def saturating(count: float) -> float:
     """0 at 0, 0.5 at 1, 0.75 at 2, ... (as the heuristic's cue features)."""
     return 1.0 - 0.5**count
-
-
-def length_feature(num_tokens: float) -> float:
-    """The heuristic's length feature: log2 of tokens, 0 at <= 16 tokens, 1 at >= 4096."""
-    span = math.log2(LENGTH_CEIL_TOKENS / LENGTH_FLOOR_TOKENS)
-    ratio = max(num_tokens, LENGTH_FLOOR_TOKENS) / LENGTH_FLOOR_TOKENS
-    return min(1.0, math.log2(ratio) / span)
 
 
 def tail_messages(messages: Sequence[dict[str, Any]], max_chars: int) -> list[dict[str, Any]]:

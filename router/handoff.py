@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from ruyiflow.cluster.topology import Topology
+from ruyiflow.cluster.wire import HANDOFF_MODE
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.router.policy import (
     HandoffDecision,
@@ -29,7 +30,6 @@ from ruyiflow.router.policy import (
 )
 from ruyiflow.router.policy import plan_escalation as plan_deeper
 from ruyiflow.router.registry import NodeRegistry
-from ruyiflow.router.requests import MODE_ENUMS
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,9 @@ class HandoffPlanner:
     def transfer(self, source: str, handle: str, move: Move, request_id: str) -> Transfer:
         """Push the state source → destination and open Resume there; if the push fails, relay
         FetchState parts into Resume. Errors of the Resume stream surface when it is read."""
-        ref = pb.StateRef(state_handle=handle, mode=MODE_ENUMS[move.mode], to_exit=move.to_exit)
+        ref = pb.StateRef(
+            state_handle=handle, mode=HANDOFF_MODE.value(move.mode), to_exit=move.to_exit
+        )
         dest = self.registry.spec(move.to_node)
         dest_stub = self.registry.stub(move.to_node)
         if self.topology.router.handoff.push:

@@ -1,7 +1,8 @@
 """Difficulty scorers: a conversation → a score in [0, 1] (0 = trivial, 1 = very hard).
 
-Scorers are registered by name (`heuristic`, and `learned`, imported lazily: router.learned_scorer)
-and built with `make_scorer(name, path)` from `topology.router.scorer`.
+The `Scorer` interface, the text measures every scorer shares, and the v1 heuristic. Scorers are
+built by name with `ruyiflow.router.scorers.make_scorer` (the learned one lives in
+`learned_scorer`, on the features of `features`, which build on the measures here).
 
 `HeuristicScorer` (v1) measures six features of the whole conversation, each in [0, 1]:
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Any
 
 WEIGHTS = {
@@ -87,32 +87,6 @@ class Scorer(ABC):
         """Difficulty of answering the conversation's last turn, in [0, 1]."""
 
 
-_REGISTRY: dict[str, Callable[..., Scorer]] = {}
-
-
-def register_scorer(name: str) -> Callable[[type[Scorer]], type[Scorer]]:
-    """Class decorator: make the scorer available to `make_scorer(name)`; returns the class."""
-
-    def register(cls: type[Scorer]) -> type[Scorer]:
-        if name in _REGISTRY:
-            raise ValueError(f"scorer {name!r} is already registered")
-        _REGISTRY[name] = cls
-        return cls
-
-    return register
-
-
-def scorer_names() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
-
-
-def make_scorer(name: str, path: str | None = None) -> Scorer:
-    """Build the scorer registered as `name`; `path` goes to scorers that load weights."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown scorer {name!r}; available: {', '.join(scorer_names())}")
-    return _REGISTRY[name](path) if path is not None else _REGISTRY[name]()
-
-
 def message_text(message: dict[str, Any]) -> str:
     """Text of one message; `content` may be a string or a list of {"type": "text"} parts."""
     content = message.get("content") or ""
@@ -126,12 +100,18 @@ def approx_tokens(text: str) -> float:
     return max(len(text.split()) * 4 / 3, len(text) / 4)
 
 
+def length_feature(num_tokens: float) -> float:
+    """Length in [0, 1]: log2 of tokens, 0 at <= 16 tokens, 1 at >= 4096."""
+    span = math.log2(LENGTH_CEIL_TOKENS / LENGTH_FLOOR_TOKENS)
+    ratio = max(num_tokens, LENGTH_FLOOR_TOKENS) / LENGTH_FLOOR_TOKENS
+    return min(1.0, math.log2(ratio) / span)
+
+
 def count_cues(text: str, cues: tuple[re.Pattern[str], ...]) -> int:
     """How many distinct cue patterns occur in `text` (repeats of one cue count once)."""
     return sum(1 for cue in cues if cue.search(text))
 
 
-@register_scorer("heuristic")
 class HeuristicScorer(Scorer):
     """Cue- and length-based difficulty (module docstring has the features and weights)."""
 
@@ -140,15 +120,12 @@ class HeuristicScorer(Scorer):
     ) -> dict[str, float]:
         """Each feature in [0, 1], keyed as in `WEIGHTS` (exposed for logging and tuning)."""
         text = "\n".join(message_text(m) for m in messages)
-        num_tokens = approx_tokens(text)
-        span = math.log2(LENGTH_CEIL_TOKENS / LENGTH_FLOOR_TOKENS)
-        length = math.log2(max(num_tokens, LENGTH_FLOOR_TOKENS) / LENGTH_FLOOR_TOKENS) / span
         num_user_turns = sum(1 for m in messages if m.get("role", "user") == "user")
         return {
             "reasoning": 1 - 0.5 ** count_cues(text, REASONING_CUES),
             "maths": 1 - 0.5 ** count_cues(text, MATHS_CUES),
             "code": 1 - 0.5 ** count_cues(text, CODE_CUES),
-            "length": min(1.0, length),
+            "length": length_feature(approx_tokens(text)),
             "thinking": 1.0 if enable_thinking else 0.0,
             "depth": min(1.0, max(0, num_user_turns - 1) / DEPTH_SATURATION_TURNS),
         }
@@ -157,13 +134,3 @@ class HeuristicScorer(Scorer):
         features = self.features(messages, enable_thinking)
         easiness = math.prod(1 - WEIGHTS[name] * value for name, value in features.items())
         return min(1.0, max(0.0, 1 - easiness))
-
-
-def _make_learned(path: str | None = None) -> Scorer:
-    """`learned`: an ONNX classifier (router.learned_scorer); onnxruntime loads only if chosen."""
-    from ruyiflow.router.learned_scorer import LearnedScorer
-
-    return LearnedScorer(path)
-
-
-_REGISTRY["learned"] = _make_learned

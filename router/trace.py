@@ -10,21 +10,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from ruyiflow.cluster.wire import HANDOFF_MODE, HANDOFF_REASON, TIER
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.router.metrics import RouterMetrics
-from ruyiflow.router.requests import MODE_ENUMS, TIER_ENUMS
-
-REASON_LABELS = {
-    pb.HANDOFF_REASON_LOW_CONFIDENCE: "low_confidence",
-    pb.HANDOFF_REASON_FORCED: "forced",
-    pb.HANDOFF_REASON_NODE_FAILURE: "node_failure",
-    pb.HANDOFF_REASON_DRAIN: "drain",
-}
 
 
 def reason_label(reason: int) -> str:
     """Metric label of a pb.HandoffReason (unspecified counts as low confidence)."""
-    return REASON_LABELS.get(reason, "low_confidence")
+    return HANDOFF_REASON.names.get(reason, "low_confidence")
 
 
 @dataclass
@@ -64,7 +57,7 @@ class TraceBuilder:
         """A node starts serving the request at `exit_`; the first call also ends queueing."""
         if self.placed_at is None:
             self.placed_at = time.monotonic()
-        self.spans.append(pb.RouteSpan(node=node, tier=TIER_ENUMS[tier], exit=exit_))
+        self.spans.append(pb.RouteSpan(node=node, tier=TIER.value(tier), exit=exit_))
 
     def drop_empty_span(self) -> None:
         """Forget the last span if it produced nothing (a destination that never answered)."""
@@ -115,7 +108,7 @@ class TraceBuilder:
     ) -> None:
         """A move between nodes completed: trace it and count it (time ends now)."""
         seconds = time.monotonic() - move.started
-        mode = MODE_ENUMS[move.mode]
+        mode = HANDOFF_MODE.value(move.mode)
         self.add_handoff(
             move.from_node,
             to_node,
@@ -144,7 +137,7 @@ class TraceBuilder:
         spans = [s for s in self.spans if s.num_tokens] or self.spans
         if not spans:
             return None
-        tier = next(name for name, value in TIER_ENUMS.items() if value == spans[0].tier)
+        tier = TIER.name(spans[0].tier)
         return tier, spans[0].exit
 
     def ttft_s(self) -> float | None:

@@ -6,31 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ruyiflow.cluster.wire import HANDOFF_MODE, HANDOFF_REASON, TIER
 from ruyiflow.proto import ruyiflow_pb2 as pb
-
-
-def _enum_name(enum: Any, value: int, prefix: str) -> str:
-    try:
-        name = enum.Name(value)
-    except ValueError:
-        return str(value)
-    return name.removeprefix(prefix).lower()
-
-
-def tier_name(value: int) -> str:
-    return _enum_name(pb.Tier, value, "TIER_")
-
-
-def mode_name(value: int) -> str:
-    return _enum_name(pb.HandoffMode, value, "HANDOFF_MODE_")
-
-
-def reason_name(value: int) -> str:
-    return _enum_name(pb.HandoffReason, value, "HANDOFF_REASON_")
-
-
-def finish_name(value: int) -> str:
-    return _enum_name(pb.FinishReason, value, "FINISH_REASON_")
 
 
 def trace_to_dict(trace: pb.RouteTrace) -> dict[str, Any]:
@@ -40,7 +17,7 @@ def trace_to_dict(trace: pb.RouteTrace) -> dict[str, Any]:
         "spans": [
             {
                 "node": s.node,
-                "tier": tier_name(s.tier),
+                "tier": TIER.name(s.tier),
                 "exit": s.exit,
                 "num_tokens": s.num_tokens,
             }
@@ -52,10 +29,10 @@ def trace_to_dict(trace: pb.RouteTrace) -> dict[str, Any]:
                 "to_node": h.to_node,
                 "from_exit": h.from_exit,
                 "to_exit": h.to_exit,
-                "mode": mode_name(h.mode),
+                "mode": HANDOFF_MODE.name(h.mode),
                 "num_bytes": h.num_bytes,
                 "duration_ms": round(h.duration_ms, 3),
-                "reason": reason_name(h.reason),
+                "reason": HANDOFF_REASON.name(h.reason),
                 "pushed": h.pushed,
             }
             for h in trace.handoffs
@@ -87,7 +64,7 @@ def format_trace(trace: pb.RouteTrace) -> str:
     ]
     for span in trace.spans:
         lines.append(
-            f"  span     {span.node:<12} {tier_name(span.tier):<5} exit {span.exit:<4} "
+            f"  span     {span.node:<12} {TIER.name(span.tier):<5} exit {span.exit:<4} "
             f"{span.num_tokens} tokens"
         )
     for move in trace.handoffs:
@@ -96,10 +73,10 @@ def format_trace(trace: pb.RouteTrace) -> str:
             how = "branch switch"
         else:
             how = (
-                f"{mode_name(move.mode)}, {format_bytes(move.num_bytes)}, "
+                f"{HANDOFF_MODE.name(move.mode)}, {format_bytes(move.num_bytes)}, "
                 f"{move.duration_ms:.1f} ms, {'pushed' if move.pushed else 'relayed'}"
             )
-        lines.append(f"  handoff  {where} ({reason_name(move.reason)}): {how}")
+        lines.append(f"  handoff  {where} ({HANDOFF_REASON.name(move.reason)}): {how}")
     timing = trace.timing
     lines.append(
         f"timing: queue {timing.queue_ms:.1f} ms, first token {timing.ttft_ms:.1f} ms, "

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ruyiflow.cluster.topology import RouterSpec, Topology
     from ruyiflow.evaluation.prompts import load_prompts
     from ruyiflow.evaluation.results import load_results
-    from ruyiflow.router.scorer import make_scorer
+    from ruyiflow.router.scorers import make_scorer
     from ruyiflow.scorer import calibrate as cal
     from ruyiflow.scorer.topology_edit import RouterUpdate, fragment, update_topology_text
 

@@ -3,7 +3,7 @@
 
 `MoEConfig` carries the attribute names the engine reads from a dense `ModelConfig` (`family`,
 `vocab_size`, `hidden_size`, `num_layers`, `num_kv_heads`, `head_dim`, `exits`, `default_exit`,
-`last_exit`, `check_exit`, `exit_index`, `max_position_embeddings`, `eos_token_ids`, ...), so the
+`last_exit`, `check_exit`, `max_position_embeddings`, `eos_token_ids`, ...), so the
 Engine, the node and the fingerprint take either. An MoE model has one exit: its last layer.
 For MLA, `num_kv_heads`/`head_dim` describe the cache as absorbed MLA sees it: one shared "head"
 of `kv_lora_rank + qk_rope_head_dim` values (latent + rope key) per layer and token.
@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ruyiflow.engine.attention import QK_NORMS  # noqa: F401 (re-exported)
 from ruyiflow.engine.errors import InvalidRequest, ModelLoadError
 
 FAMILIES = ("hunyuan_v1_moe", "dots1", "deepseek_v3")
-QK_NORMS = ("none", "before_rope", "after_rope")
+
 SCORINGS = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "linear", "ntk_alpha", "yarn")
 LATENT_NORM_EPS = 1e-6  # MLA's q_a/kv_a RMSNorms use the class default, not rms_norm_eps
@@ -185,10 +186,6 @@ class MoEConfig:
                 f"exit {exit_layer} is not an exit of this model "
                 f"{list(self.exits)} (an MoE model has only its last layer)"
             )
-
-    def exit_index(self, exit_layer: int) -> int:
-        self.check_exit(exit_layer)
-        return 0
 
     def to_dict(self) -> dict[str, Any]:
         """Canonical dict (fingerprint, `ruyiflow models`)."""

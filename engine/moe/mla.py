@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ruyiflow.engine.layers import Segment, _causal_mask
+from ruyiflow.engine.attention import Segment, causal_mask
 from ruyiflow.engine.moe.config import LATENT_NORM_EPS, MLAConfig
-from ruyiflow.engine.moe.ops import linear, rms
+from ruyiflow.engine.ops import linear, rms
 from ruyiflow.engine.rope import apply_rope
 
 
@@ -57,7 +57,7 @@ def _expanded(
     if seg.start == 0:
         o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale)
     else:
-        mask = _causal_mask(seg.num_rows, seg.start)
+        mask = causal_mask(seg.num_rows, seg.start)
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
     return o.transpose(0, 1)  # [T, H, v]
 

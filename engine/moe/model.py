@@ -13,18 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from ruyiflow.engine.attention import Geometry, gqa_attention
 from ruyiflow.engine.batch import Work
 from ruyiflow.engine.errors import InvalidRequest
-from ruyiflow.engine.layers import Segment
-from ruyiflow.engine.moe.attention import GQAShape, GQAWeights, gqa_attention
+from ruyiflow.engine.layers import last_logits, pack
+from ruyiflow.engine.moe.attention import GQAWeights
 from ruyiflow.engine.moe.cache import MoECache
 from ruyiflow.engine.moe.config import MoEConfig
 from ruyiflow.engine.moe.mla import MLAWeights, mla_attention
 from ruyiflow.engine.moe.moe_block import DenseFFN, MoEFFN
-from ruyiflow.engine.moe.ops import linear, rms
 from ruyiflow.engine.moe.rope import rope_table, softmax_scale
+from ruyiflow.engine.ops import rms, rms_residual
 
 
 @dataclass
@@ -66,7 +66,7 @@ class MoEModel:
         if c.mla is not None:
             self.scale = softmax_scale(c.rope, c.mla.qk_head_dim)
         else:
-            self.gqa = GQAShape(c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, c.qk_norm)
+            self.gqa = Geometry(c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, c.qk_norm)
 
     def new_cache(self) -> MoECache:
         c = self.config
@@ -79,23 +79,14 @@ class MoEModel:
     def forward(self, works: list[Work]) -> list[torch.Tensor | None]:
         """float32 logits [vocab] of each item's last token (None where not wanted), in the
         order given; updates each cache's length."""
-        segments, row = [], 0
         for w in works:
             if w.exit != self.config.last_exit:
                 self.config.check_exit(w.exit)
-            if not w.token_ids:
-                raise ValueError("a work item needs at least one token")
             if w.start != w.cache.length:
                 raise InvalidRequest(
                     f"work starts at {w.start} but its cache holds {w.cache.length} positions"
                 )
-            w.cache.reserve(w.start + len(w.token_ids))
-            segments.append(Segment(row, len(w.token_ids), w.start))
-            row += len(w.token_ids)
-        ids = torch.tensor([t for w in works for t in w.token_ids], dtype=torch.long)
-        positions = torch.cat([torch.arange(s.start, s.start + s.num_rows) for s in segments])
-        cos, sin = self.rope.gather(positions)
-        h = F.embedding(ids, self.embed)  # [rows, hidden]
+        segments, h, cos, sin = pack(works, self.rope, self.embed)  # h [rows, hidden]
         eps = self.config.rms_norm_eps
         for i, layer in enumerate(self.layers):
             caches = [w.cache.layer(i) for w in works]
@@ -114,19 +105,12 @@ class MoEModel:
                 )
             else:
                 a = gqa_attention(layer.attn, x, self.gqa, cos, sin, segments, caches)
-            h = h + a
-            x = rms(h, layer.post_norm, eps)
+            x, h = rms_residual(a, h, layer.post_norm, eps)
             h = h + layer.ffn(x)
         for w in works:
             w.cache.length = w.start + len(w.token_ids)
-        want = [k for k, w in enumerate(works) if w.want_logits]
-        result: list[torch.Tensor | None] = [None] * len(works)
-        if want:
-            last = torch.tensor([segments[k].row + segments[k].num_rows - 1 for k in want])
-            logits = linear(rms(h[last], self.norm, eps), self.head).float()  # [len(want), vocab]
-            for j, k in enumerate(want):
-                result[k] = logits[j]
-        return result
+        wanted = [w.want_logits for w in works]
+        return last_logits(h, segments, wanted, self.norm, self.head, eps)
 
     def switch_exit(self, cache: MoECache, from_exit: int, to_exit: int) -> None:
         """Only the single exit exists, so the only valid move is staying there."""

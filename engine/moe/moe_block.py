@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ruyiflow.engine.moe.ops import linear
+from ruyiflow.engine.ops import linear
 from ruyiflow.kernels import fused_moe, route_experts
 
 

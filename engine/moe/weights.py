@@ -83,9 +83,7 @@ def _gqa(keys: KeyReader, att: str, c: MoEConfig) -> GQAWeights:
         )
         q_norm = keys.take(f"{att}.{q_name}.weight", (d,))
         k_norm = keys.take(f"{att}.{k_name}.weight", (d,))
-    weights = GQAWeights(w_qkv, keys.take(f"{att}.o_proj.weight", (hid, q_rows)), q_norm, k_norm)
-    weights.stack_norms(c.num_heads, c.num_kv_heads)
-    return weights
+    return GQAWeights(w_qkv, keys.take(f"{att}.o_proj.weight", (hid, q_rows)), q_norm, k_norm)
 
 
 def _mla(keys: KeyReader, att: str, c: MoEConfig) -> MLAWeights:

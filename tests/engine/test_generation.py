@@ -108,7 +108,8 @@ def test_handoff_to_another_process(smollm2, reference, tmp_path):
     (tmp_path / "state.bin").write_bytes(engine.export_state(sid, "hidden"))
     script = (
         "import json,sys\n"
-        "from engine.checkpoint import load_model\nfrom engine.engine import Engine\n"
+        "from ruyiflow.engine.checkpoint import load_model\n"
+        "from ruyiflow.engine.engine import Engine\n"
         "e = Engine(load_model('smollm2'))\n"
         f"sid = e.import_state(open(r'{tmp_path / 'state.bin'}','rb').read(), exit_layer=29)\n"
         "out = []\n"

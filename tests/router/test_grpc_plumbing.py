@@ -30,6 +30,11 @@ def fail(kind: bytes, context: grpc.ServicerContext) -> None:
         context.abort(grpc.StatusCode.PERMISSION_DENIED, "nope")
     if kind == b"upstream":
         raise UpstreamStatus(grpc.StatusCode.FAILED_PRECONDITION, "foreign fingerprint")
+    if kind == b"late":  # answers after the caller's deadline, as a node still loading does
+        deadline_passed = threading.Event()
+        context.add_callback(deadline_passed.set)
+        deadline_passed.wait(5)
+        raise NodeUnavailable("node edge-0 is still loading its model")
 
 
 def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -119,6 +124,19 @@ def test_unexpected_errors_are_logged_with_traceback(echo, caplog) -> None:
         with pytest.raises(grpc.RpcError):
             call(channel, "Unary", b"boom")
     assert any(r.exc_info and "Unary" in r.getMessage() for r in caplog.records)
+
+
+def test_a_refusal_after_the_caller_left_logs_no_traceback(echo, caplog) -> None:
+    """A health or Info probe that times out while the node is busy loading is an expected
+    state: nothing at ERROR, from our interceptor or from grpc's server."""
+    _, channel = echo
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary(f"/{SERVICE}/Unary")(b"late", timeout=0.2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = threading.Event()
+        deadline.wait(0.5)  # the handler finishes after the client gave up
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_internal_details_are_short() -> None:

@@ -6,13 +6,8 @@ import random
 
 import pytest
 
-from ruyiflow.router.scorer import (
-    HeuristicScorer,
-    Scorer,
-    make_scorer,
-    register_scorer,
-    scorer_names,
-)
+from ruyiflow.router.scorer import HeuristicScorer, Scorer, length_feature
+from ruyiflow.router.scorers import make_scorer, scorer_names
 
 EASY = ["Hi!", "What is the capital of France?", "Hello, how are you?", "Tell me a joke."]
 HARD = [
@@ -35,10 +30,15 @@ def scorer() -> Scorer:
 def test_registry() -> None:
     assert "heuristic" in scorer_names()
     assert isinstance(make_scorer("heuristic"), HeuristicScorer)
+    assert "learned" in scorer_names()
     with pytest.raises(ValueError, match="unknown scorer"):
         make_scorer("learned-v9")
-    with pytest.raises(ValueError, match="already registered"):
-        register_scorer("heuristic")(HeuristicScorer)
+
+
+def test_length_feature_scale() -> None:
+    assert length_feature(0) == length_feature(16) == 0.0
+    assert length_feature(4096) == length_feature(10**6) == 1.0
+    assert length_feature(256) == pytest.approx(0.5)  # log2 halfway between 16 and 4096
 
 
 @pytest.mark.parametrize("text", EASY)

@@ -8,9 +8,9 @@ import random
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from ruyiflow.router.learned_scorer import LearnedScorer
 from ruyiflow.router.metrics import RouterMetrics
-
 from tests.router.cluster import Cluster
 from tests.scorer.synthetic import make_prompt
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+
 from ruyiflow.router.features import (
     DENSE_NAMES,
     FEATURE_DIM,
@@ -19,7 +20,6 @@ from ruyiflow.router.features import (
     tail_messages,
     user_prompt,
 )
-
 from tests.router.cluster import EASY_PROMPT, HARD_PROMPT
 
 CONVERSATIONS = [

@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+
 from ruyiflow.engine.errors import ModelLoadError
 from ruyiflow.router.features import FEATURE_DIM, featurize_batch, user_prompt
 from ruyiflow.router.learned_scorer import META_FEATURE_DIM, META_FEATURE_VERSION, LearnedScorer
-from ruyiflow.router.scorer import make_scorer, scorer_names
-
+from ruyiflow.router.scorers import make_scorer, scorer_names
 from tests.scorer.synthetic import EXITS, make_prompt
 
 
@@ -117,8 +117,8 @@ def test_foreign_onnx_model_is_refused(tmp_path) -> None:
 def test_router_imports_learned_scorer_without_torch(trained) -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
-        "import router.daemon\n"
-        "from router.scorer import make_scorer\n"
+        "import ruyiflow.router.daemon\n"
+        "from ruyiflow.router.scorers import make_scorer\n"
         f"scorer = make_scorer('learned', {str(trained[2])!r})\n"
         "print(scorer.score([{'role': 'user', 'content': 'Hello!'}]))\n"
         "print(sorted(m for m in sys.modules if m.startswith(('torch', 'transformers'))"
@@ -135,9 +135,8 @@ def test_router_imports_learned_scorer_without_torch(trained) -> None:
 def test_train_scorer_command(results_files, tmp_path, capsys) -> None:
     import argparse
 
-    from ruyiflow.engine.errors import InvalidRequest
-
     from ruyiflow import cmd_train_scorer
+    from ruyiflow.engine.errors import InvalidRequest
     from tests.scorer.synthetic import make_records, write_jsonl
 
     parser = argparse.ArgumentParser()
