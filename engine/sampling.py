@@ -1,8 +1,8 @@
 """Per-request sampling: parameters, logits processors and the draw itself.
 
 Order follows Hugging Face `generate`: repetition penalty, no-repeat-ngram ban, temperature,
-top-k, top-p, then a multinomial draw from the request's own `torch.Generator`, so the same seed
-gives the same tokens whatever else shares the batch. Temperature 0 means greedy.
+top-k, top-p, min-p, then a multinomial draw from the request's own `torch.Generator`, so the
+same seed gives the same tokens whatever else shares the batch. Temperature 0 means greedy.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ def process_row(
         remove = cumulative <= (1 - params.top_p)
         remove[-1] = False  # always keep the most likely token
         logits = logits.scatter(0, order, sorted_logits.masked_fill(remove, float("-inf")))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     return logits
 
 

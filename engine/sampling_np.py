@@ -1,6 +1,6 @@
 """Sampling in numpy for the ONNX Runtime engine (no torch): the same processors in the same
-order as `engine.sampling` (repetition penalty, no-repeat-ngram ban, temperature, top-k, top-p),
-a draw from the request's own `numpy.random.Generator`, and the exit-confidence triple.
+order as `engine.sampling` (repetition penalty, no-repeat-ngram ban, temperature, top-k, top-p,
+min-p), a draw from the request's own `numpy.random.Generator`, and the exit-confidence triple.
 
 Greedy tokens equal the torch engine's; sampled tokens follow the same distribution but another
 random stream (numpy's PCG64, seeded with the request's seed)."""
@@ -51,6 +51,9 @@ def process_row(
         sorted_logits = np.where(remove, -np.inf, sorted_logits)
         logits = np.empty_like(logits)
         logits[order] = sorted_logits
+    if params.min_p > 0.0:
+        probs = softmax(logits.astype(np.float64))
+        logits = np.where(probs < params.min_p * probs.max(), -np.inf, logits).astype(np.float32)
     return logits
 
 

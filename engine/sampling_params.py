@@ -23,6 +23,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    min_p: float = 0.0  # 0 = off; keeps p >= min_p * max p (after top-k/top-p)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -32,6 +33,7 @@ class SamplingParams:
             (0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
             (0.0 < self.repetition_penalty <= 100.0, "repetition_penalty must be in (0, 100]"),
             (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0"),
             (len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings"),

@@ -16,26 +16,27 @@ from dataclasses import dataclass
 
 import grpc
 
+from ruyiflow.cluster.escalation import EscalationSettings
 from ruyiflow.cluster.grpc_server import Admission, channel_options
+from ruyiflow.cluster.wire import ENGINE_FINISH, FINISH_REASON, HANDOFF_MODE, HANDOFF_REASON, TIER
 from ruyiflow.engine.errors import InvalidRequest, NodeUnavailable
 from ruyiflow.engine.events import TokenEvent
 from ruyiflow.engine.sampling_params import SamplingParams
-from ruyiflow.node.escalation import EscalationSettings
-from ruyiflow.node.framing import MODE_NAMES, header_for, read_state, state_parts
+from ruyiflow.node.framing import STATE_MODES, header_for, read_state, state_parts
 from ruyiflow.node.metrics import NodeMetrics
 from ruyiflow.node.worker import EngineWorker, LocalSwitch, Parked, RequestHandle
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
 MAX_PROMPT_CHARS = 256 * 1024
-TIERS = {"edge": pb.TIER_EDGE, "cloud": pb.TIER_CLOUD}
-FINISH = {
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "abort": pb.FINISH_REASON_CANCELLED,
-}
-REASONS = {"low_confidence": pb.HANDOFF_REASON_LOW_CONFIDENCE, "forced": pb.HANDOFF_REASON_FORCED}
 TRANSFER_SECONDS = 120.0
+
+
+def finish_reason(engine_reason: str | None) -> int:
+    """The wire value of an engine finish reason (unspecified while the stream goes on)."""
+    if engine_reason is None:
+        return pb.FINISH_REASON_UNSPECIFIED
+    return FINISH_REASON.value(ENGINE_FINISH[engine_reason])
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
             "temperature",
             "top_k",
             "top_p",
+            "min_p",
             "repetition_penalty",
             "no_repeat_ngram_size",
             "seed",
@@ -69,13 +71,9 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
 
 
 def escalation_from_proto(e: pb.EscalationSettings) -> EscalationSettings:
-    return EscalationSettings(
-        enabled=e.enabled if e.HasField("enabled") else False,
-        window=e.window if e.HasField("window") else 4,
-        threshold=e.threshold if e.HasField("threshold") else 0.3,
-        force_after_tokens=e.force_after_tokens if e.HasField("force_after_tokens") else 0,
-        force_to_exit=e.force_to_exit if e.HasField("force_to_exit") else None,
-    )
+    """Per-request settings; a field the router left unset takes the shared default."""
+    fields = ("enabled", "window", "threshold", "force_after_tokens", "force_to_exit")
+    return EscalationSettings(**{f: getattr(e, f) for f in fields if e.HasField(f)})
 
 
 class NodeServicer(pb_grpc.NodeServicer):
@@ -134,7 +132,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             escalation_from_proto(request.escalation),
             prefix,
         )
-        yield from self._stream(handle, context, len(prefix), exit_layer)
+        yield from self._stream(handle, context, len(prefix), exit_layer, len(prompt_ids))
 
     def Resume(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         self._check_ready()
@@ -152,13 +150,21 @@ class NodeServicer(pb_grpc.NodeServicer):
             header.to_exit,
             escalation_from_proto(header.request.escalation),
         )
-        yield from self._stream(handle, context, len(header.generated_token_ids), header.to_exit)
+        num_prompt = len(header.prompt_token_ids)
+        offset = len(header.generated_token_ids)
+        yield from self._stream(handle, context, offset, header.to_exit, num_prompt)
 
     def _stream(
-        self, handle: RequestHandle, context: grpc.ServicerContext, offset: int, exit_layer: int
+        self,
+        handle: RequestHandle,
+        context: grpc.ServicerContext,
+        offset: int,
+        exit_layer: int,
+        num_prompt_tokens: int,
     ) -> Iterator[pb.Chunk]:
+        """Chunks of one request; the first carries `num_prompt_tokens` (the client's usage)."""
         m, started, last, outcome = self.metrics, time.perf_counter(), None, "error"
-        ended = False
+        ended, is_first = False, True
         m.in_flight.labels(**m.lab()).inc()
         try:
             while True:
@@ -183,7 +189,10 @@ class NodeServicer(pb_grpc.NodeServicer):
                     m.escalations.labels(**m.lab(kind="handoff", reason=item.reason)).inc()
                     m.handoff_bytes.labels(**m.lab(direction="out")).observe(item.state_bytes)
                     outcome = "handoff"
-                    yield self._handoff_chunk(handle.request_id, item, offset, exit_layer)
+                    chunk = self._handoff_chunk(handle.request_id, item, offset, exit_layer)
+                    chunk.num_prompt_tokens = num_prompt_tokens if is_first else 0
+                    is_first = False
+                    yield chunk
                     continue
                 now = time.perf_counter()
                 (m.ttft if last is None else m.itl).labels(**m.lab()).observe(
@@ -191,7 +200,10 @@ class NodeServicer(pb_grpc.NodeServicer):
                 )
                 last = now
                 m.tokens.labels(**m.lab(exit=str(item.exit))).inc()
-                yield self._token_chunk(handle.request_id, item, offset)
+                chunk = self._token_chunk(handle.request_id, item, offset)
+                chunk.num_prompt_tokens = num_prompt_tokens if is_first else 0
+                is_first = False
+                yield chunk
                 offset += 1
                 if item.finished:
                     outcome = item.finish_reason
@@ -203,7 +215,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             m.requests.labels(**m.lab(exit=str(exit_layer), outcome=outcome)).inc()
 
     def _source(self, exit_layer: int) -> pb.Source:
-        return pb.Source(node=self.id.name, tier=TIERS[self.id.tier], exit=exit_layer)
+        return pb.Source(node=self.id.name, tier=TIER.value(self.id.tier), exit=exit_layer)
 
     def _token_chunk(self, request_id: str, ev: TokenEvent, offset: int) -> pb.Chunk:
         c = ev.confidence
@@ -216,7 +228,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             ],
             source=self._source(ev.exit),
             token_offset=offset,
-            finish_reason=FINISH.get(ev.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+            finish_reason=finish_reason(ev.finish_reason),
         )
 
     def _handoff_chunk(self, request_id: str, p: Parked, offset: int, exit_layer: int) -> pb.Chunk:
@@ -228,7 +240,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             handoff=pb.HandoffNeeded(
                 from_exit=p.from_exit,
                 suggested_to_exit=p.to_exit,
-                reason=REASONS[p.reason],
+                reason=HANDOFF_REASON.value(p.reason),
                 state_handle=p.handle,
                 state_bytes=p.state_bytes,
                 num_tokens=p.num_tokens,
@@ -266,9 +278,9 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     def _export(self, ref: pb.StateRef) -> bytes:
         self._check_ready()
-        if ref.mode not in MODE_NAMES:
+        if ref.mode not in STATE_MODES:
             raise InvalidRequest("state mode must be HIDDEN or TOKENS")
-        return self.worker.take_parked(ref.state_handle, MODE_NAMES[ref.mode])
+        return self.worker.take_parked(ref.state_handle, HANDOFF_MODE.name(ref.mode))
 
     def FetchState(
         self, request: pb.StateRef, context: grpc.ServicerContext
@@ -301,7 +313,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         c = self.engine.config
         return pb.NodeInfo(
             name=self.id.name,
-            tier=TIERS[self.id.tier],
+            tier=TIER.value(self.id.tier),
             model=self.id.model,
             model_fingerprint=self.fingerprint,
             family=c.family,

@@ -89,7 +89,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "stop", "stop_token_ids", "seed")
+    __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "stop", "stop_token_ids", "seed", "min_p")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class SamplingParams(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     top_k: int
@@ -108,7 +109,8 @@ class SamplingParams(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     seed: int
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ...) -> None: ...
+    min_p: float
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., min_p: _Optional[float] = ...) -> None: ...
 
 class Overrides(_message.Message):
     __slots__ = ("exit", "tier", "node", "handoff_mode")
@@ -257,7 +259,7 @@ class RouteTrace(_message.Message):
     def __init__(self, spans: _Optional[_Iterable[_Union[RouteSpan, _Mapping]]] = ..., handoffs: _Optional[_Iterable[_Union[HandoffRecord, _Mapping]]] = ..., difficulty: _Optional[float] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., num_retries: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "confidence", "source", "token_offset", "finish_reason", "handoff", "trace")
+    __slots__ = ("request_id", "text", "token_ids", "confidence", "source", "token_offset", "finish_reason", "handoff", "trace", "num_prompt_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +269,7 @@ class Chunk(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     HANDOFF_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -276,7 +279,8 @@ class Chunk(_message.Message):
     finish_reason: FinishReason
     handoff: HandoffNeeded
     trace: RouteTrace
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., confidence: _Optional[_Iterable[_Union[TokenConfidence, _Mapping]]] = ..., source: _Optional[_Union[Source, _Mapping]] = ..., token_offset: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., handoff: _Optional[_Union[HandoffNeeded, _Mapping]] = ..., trace: _Optional[_Union[RouteTrace, _Mapping]] = ...) -> None: ...
+    num_prompt_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., confidence: _Optional[_Iterable[_Union[TokenConfidence, _Mapping]]] = ..., source: _Optional[_Union[Source, _Mapping]] = ..., token_offset: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., handoff: _Optional[_Union[HandoffNeeded, _Mapping]] = ..., trace: _Optional[_Union[RouteTrace, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset", "num_bytes")

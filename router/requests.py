@@ -13,10 +13,11 @@ from typing import Any
 
 from ruyiflow.cluster.errors import InvalidRequest
 from ruyiflow.cluster.topology import Topology
+from ruyiflow.cluster.wire import HANDOFF_MODE, TIER
 from ruyiflow.engine.sampling_params import SamplingParams
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.router.policy import Overrides
-from ruyiflow.router.scorer import LENGTH_CEIL_TOKENS, LENGTH_FLOOR_TOKENS, WEIGHTS, Scorer
+from ruyiflow.router.scorer import WEIGHTS, Scorer, length_feature
 
 MAX_PROMPT_BYTES = 32 << 10  # UTF-8 bytes of text over all messages
 MAX_PROMPT_TOKEN_IDS = 4096
@@ -26,12 +27,6 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID_CHARS = 128
-
-TIER_NAMES = {pb.TIER_EDGE: "edge", pb.TIER_CLOUD: "cloud"}
-TIER_ENUMS = {name: value for value, name in TIER_NAMES.items()}
-MODE_NAMES = {pb.HANDOFF_MODE_AUTO: "auto", pb.HANDOFF_MODE_HIDDEN: "hidden"}
-MODE_NAMES[pb.HANDOFF_MODE_TOKENS] = "tokens"
-MODE_ENUMS = {name: value for value, name in MODE_NAMES.items()}
 
 
 def _require(ok: bool, message: str) -> None:
@@ -75,6 +70,8 @@ def _validate_sampling(sampling: pb.SamplingParams) -> None:
         _require(0 <= t <= MAX_TEMPERATURE, f"temperature must be in [0, {MAX_TEMPERATURE}]")
     if sampling.HasField("top_p"):
         _require(0 < sampling.top_p <= 1, "top_p must be in (0, 1]")
+    if sampling.HasField("min_p"):
+        _require(0 <= sampling.min_p <= 1, "min_p must be in [0, 1]")
     if sampling.HasField("repetition_penalty"):
         penalty = sampling.repetition_penalty
         _require(0 < penalty and math.isfinite(penalty), "repetition_penalty must be > 0")
@@ -102,12 +99,12 @@ def overrides_of(request: pb.GenerateRequest, topology: Topology) -> Overrides:
     given = request.overrides
     tier = None
     if given.HasField("tier") and given.tier != pb.TIER_UNSPECIFIED:
-        _require(given.tier in TIER_NAMES, f"unknown tier {given.tier}; tiers: edge, cloud")
-        tier = TIER_NAMES[given.tier]
+        _require(given.tier in TIER, f"unknown tier {given.tier}; tiers: edge, cloud")
+        tier = TIER.name(given.tier)
     mode = None
     if given.handoff_mode != pb.HANDOFF_MODE_UNSPECIFIED:
-        _require(given.handoff_mode in MODE_NAMES, f"unknown handoff mode {given.handoff_mode}")
-        mode = MODE_NAMES[given.handoff_mode]
+        _require(given.handoff_mode in HANDOFF_MODE, f"unknown handoff mode {given.handoff_mode}")
+        mode = HANDOFF_MODE.name(given.handoff_mode)
     if request.escalation.HasField("force_to_exit"):
         served = topology.exit_tiers(topology.routed_model)
         to_exit = request.escalation.force_to_exit
@@ -124,10 +121,7 @@ def score_request(scorer: Scorer, request: pb.GenerateRequest) -> float:
     """Difficulty in [0, 1]: the scorer reads conversations and text; token ids have no text,
     so they score by length alone (the heuristic's length feature and weight)."""
     if request.WhichOneof("prompt") == "token_ids":
-        span = math.log2(LENGTH_CEIL_TOKENS / LENGTH_FLOOR_TOKENS)
-        num_ids = max(len(request.token_ids.ids), LENGTH_FLOOR_TOKENS)
-        length = min(1.0, math.log2(num_ids / LENGTH_FLOOR_TOKENS) / span)
-        return WEIGHTS["length"] * length
+        return WEIGHTS["length"] * length_feature(len(request.token_ids.ids))
     messages: list[dict[str, Any]]
     if request.WhichOneof("prompt") == "text":
         messages = [{"role": "user", "content": request.text}]

@@ -21,6 +21,8 @@ PARAMS = [
     SamplingParams(temperature=1.2, top_k=5),
     SamplingParams(temperature=0.9, top_p=0.8),
     SamplingParams(temperature=0.8, top_k=7, top_p=0.5, repetition_penalty=0.9),
+    SamplingParams(temperature=0.7, min_p=0.1),
+    SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.05),
 ]
 
 
@@ -58,3 +60,13 @@ def test_confidence_equals_the_kernel_reference() -> None:
     got = sn.exit_confidence(logits.numpy())
     for w, g in zip(want, got, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("process_row", [st.process_row, sn.process_row], ids=["torch", "numpy"])
+def test_min_p_keeps_tokens_near_the_top(process_row) -> None:
+    probs = np.array([0.5, 0.3, 0.1, 0.06, 0.04], np.float32)
+    params = SamplingParams(temperature=1.0, min_p=0.15)  # keeps p >= 0.075
+    logits = np.log(probs)
+    row = torch.from_numpy(logits) if process_row is st.process_row else logits
+    kept = np.isfinite(np.asarray(process_row(row, params, [], None)))
+    assert kept.tolist() == [True, True, True, False, False]
