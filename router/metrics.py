@@ -1,9 +1,9 @@
 """Prometheus metrics of the router, on a private registry, served over HTTP at `/metrics`.
 
 Every name starts with `ruyiflow_router_`. Label values come from closed sets (tiers, modes,
-reasons, outcomes) or from the topology (node names, exits), and anything else is refused with
-ValueError, so cardinality stays bounded. The router calls the `observe_*` methods; nothing here
-knows about gRPC.
+reasons, outcomes, front ends) or from the topology (node names, exits), and anything else is
+refused with ValueError, so cardinality stays bounded. The router calls the `observe_*` methods;
+nothing here knows about gRPC or HTTP: `api` says which front end a request came through.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ruyiflow.cluster.topology import TIERS
 
 PREFIX = "ruyiflow_router_"
 OUTCOMES = ("ok", "invalid", "unavailable", "overloaded", "cancelled", "error")
+APIS = ("grpc", "openai")  # the router's front ends: gRPC Generate, the OpenAI HTTP API
 MODES = ("hidden", "tokens")  # a branch switch on one node is an escalation, not a handoff
 REASONS = ("low_confidence", "forced", "node_failure", "drain")
 SCORE_BUCKETS = tuple(round(0.05 * k, 2) for k in range(1, 21))
@@ -54,14 +55,14 @@ class RouterMetrics:
         r = self.registry
         self.requests = Counter(
             PREFIX + "requests",
-            "Finished requests by first tier/exit and outcome.",
-            ["tier", "exit", "outcome"],
+            "Finished requests by first tier/exit, outcome and front end.",
+            ["tier", "exit", "outcome", "api"],
             registry=r,
         )
         self.rejected = Counter(
             PREFIX + "rejected_requests",
-            "Requests refused before a tier/exit was chosen (bad input, draining).",
-            ["outcome"],
+            "Requests refused before a tier/exit was chosen (bad input, draining), by front end.",
+            ["outcome", "api"],
             registry=r,
         )
         self.difficulty = Histogram(
@@ -161,11 +162,15 @@ class RouterMetrics:
         score: float | None = None,
         ttft_s: float | None = None,
         total_s: float | None = None,
+        api: str = "grpc",
     ) -> None:
         """A finished request: first tier/exit served (or planned), outcome, and timings."""
         _check(tier, TIERS, "tier")
         self.requests.labels(
-            tier=tier, exit=self._exit(exit_), outcome=_check(outcome, OUTCOMES, "outcome")
+            tier=tier,
+            exit=self._exit(exit_),
+            outcome=_check(outcome, OUTCOMES, "outcome"),
+            api=_check(api, APIS, "api"),
         ).inc()
         if score is not None:
             self.difficulty.observe(score)
@@ -183,9 +188,11 @@ class RouterMetrics:
                 self.cloud_share.set(self._num_recent_cloud / len(recent))
                 self.cloud_share_window.set(len(recent))
 
-    def observe_rejected(self, outcome: str, score: float | None = None) -> None:
+    def observe_rejected(self, outcome: str, score: float | None = None, api: str = "grpc") -> None:
         """A request refused before routing chose a tier and exit for it."""
-        self.rejected.labels(outcome=_check(outcome, OUTCOMES, "outcome")).inc()
+        self.rejected.labels(
+            outcome=_check(outcome, OUTCOMES, "outcome"), api=_check(api, APIS, "api")
+        ).inc()
         if score is not None:
             self.difficulty.observe(score)
 

@@ -1,5 +1,6 @@
 """The `Router` gRPC service: Generate (score → plan → stream, with handoffs and failover),
-Route (the same decision as a dry run) and ListNodes.
+Route (the same decision as a dry run) and ListNodes. `generate` is that one request path for
+every front end: gRPC's Generate and the OpenAI HTTP API (`router.openai_app`) both call it.
 
 Handlers translate and delegate: validation is `router.requests`, the decision `router.policy`,
 the stream `router.session`. Domain exceptions become statuses in the interceptor
@@ -20,12 +21,13 @@ from ruyiflow.cluster.errors import InvalidRequest, NodeUnavailable, Overloaded
 from ruyiflow.cluster.grpc_errors import UpstreamStatus
 from ruyiflow.cluster.grpc_server import Admission
 from ruyiflow.cluster.topology import Topology
+from ruyiflow.cluster.wire import TIER
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 from ruyiflow.router.metrics import RouterMetrics
 from ruyiflow.router.policy import Overrides, RoutePlan, pick_node, plan_route
 from ruyiflow.router.registry import NodeRegistry
-from ruyiflow.router.requests import TIER_ENUMS, overrides_of, score_request, validate_request
+from ruyiflow.router.requests import overrides_of, score_request, validate_request
 from ruyiflow.router.scorer import Scorer
 from ruyiflow.router.session import RequestSession
 from ruyiflow.router.trace import TraceBuilder
@@ -74,9 +76,10 @@ class _Report:
     runs before the final chunk is sent (so a client that saw it sees the metrics too) and
     again on exit, where it does nothing."""
 
-    def __init__(self, servicer: RouterServicer) -> None:
+    def __init__(self, servicer: RouterServicer, api: str, trace: TraceBuilder | None) -> None:
         self._servicer = servicer
-        self.trace = TraceBuilder(time.monotonic())
+        self.api = api
+        self.trace = trace or TraceBuilder(time.monotonic())
         self.plan: RoutePlan | None = None
         self._is_placed = self._is_finished = False
         servicer._load.add(1, 1)
@@ -91,7 +94,7 @@ class _Report:
             return
         self._is_finished = True
         self._servicer._load.add(-1, 0 if self._is_placed else -1)
-        self._servicer._observe(self.plan, self.trace, outcome)
+        self._servicer._observe(self.plan, self.trace, outcome, self.api)
 
 
 class RouterServicer(pb_grpc.RouterServicer):
@@ -117,10 +120,22 @@ class RouterServicer(pb_grpc.RouterServicer):
     def Generate(  # noqa: N802 (gRPC method name)
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Chunk]:
+        return self.generate(request, context)
+
+    def generate(
+        self,
+        request: pb.GenerateRequest,
+        context: grpc.ServicerContext,
+        api: str = "grpc",
+        trace: TraceBuilder | None = None,
+    ) -> Iterator[pb.Chunk]:
+        """Admit, score, plan, then stream with handoffs and failover; the final chunk carries
+        the route trace. `api` labels the metrics; `trace` lets a caller read the difficulty
+        as soon as the first chunk arrives (HTTP sends it as a header)."""
         report = None
         try:
             with self.admission.admit():
-                report = _Report(self)
+                report = _Report(self, api, trace)
                 overrides, report.plan = self._decide(request, report.trace)  # score and plan
                 session = RequestSession(
                     self.topology,
@@ -139,7 +154,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                 report.finish("cancelled" if session.is_cancelled else "ok")
         except BaseException as exc:
             if report is None:
-                self.metrics.observe_rejected(outcome_of(exc))  # refused while draining
+                self.metrics.observe_rejected(outcome_of(exc), api=api)  # while draining
             else:
                 report.finish(outcome_of(exc))
             raise
@@ -158,10 +173,11 @@ class RouterServicer(pb_grpc.RouterServicer):
         text = request.WhichOneof("prompt") != "token_ids"
         return overrides, plan_route(self.topology, score, overrides, across_models=text)
 
-    def _observe(self, plan: RoutePlan | None, trace: TraceBuilder, outcome: str) -> None:
+    def _observe(self, plan: RoutePlan | None, trace: TraceBuilder, outcome: str, api: str) -> None:
         first = trace.first_served() or (None if plan is None else (plan.tier, plan.exit))
         if first is None:
-            self.metrics.observe_rejected(outcome, trace.difficulty if trace.is_scored else None)
+            score = trace.difficulty if trace.is_scored else None
+            self.metrics.observe_rejected(outcome, score, api=api)
             return
         total_s = time.monotonic() - trace.started
         self.metrics.observe_request(
@@ -171,6 +187,7 @@ class RouterServicer(pb_grpc.RouterServicer):
             score=trace.difficulty,
             ttft_s=trace.ttft_s(),
             total_s=total_s if outcome == "ok" else None,
+            api=api,
         )
 
     def Route(  # noqa: N802
@@ -184,7 +201,7 @@ class RouterServicer(pb_grpc.RouterServicer):
             raise NodeUnavailable(f"no healthy node serves exit {plan.exit}") from None
         return pb.RouteReply(
             difficulty=trace.difficulty,
-            tier=TIER_ENUMS[plan.tier],
+            tier=TIER.value(plan.tier),
             exit=plan.exit,
             node=node,
             node_address=self.registry.spec(node).listen,

@@ -48,7 +48,7 @@ def test_exposition_parses_with_prefixed_names() -> None:
     values = samples(text)
     ok_edge = (
         "ruyiflow_router_requests_total",
-        (("exit", "12"), ("outcome", "ok"), ("tier", "edge")),
+        (("api", "grpc"), ("exit", "12"), ("outcome", "ok"), ("tier", "edge")),
     )
     assert values[ok_edge] == 1.0
     assert values[("ruyiflow_router_generated_tokens_total", (("exit", "12"),))] == 4.0
@@ -78,6 +78,8 @@ def test_exposition_parses_with_prefixed_names() -> None:
         lambda m: m.observe_request("fog", 12, "ok"),
         lambda m: m.observe_request("edge", 13, "ok"),
         lambda m: m.observe_request("edge", 12, "meh"),
+        lambda m: m.observe_request("edge", 12, "ok", api="rest"),
+        lambda m: m.observe_rejected("invalid", api="soap"),
         lambda m: m.observe_handoff("edge", "cloud", "carrier-pigeon", "forced", 1, 0.1),
         lambda m: m.observe_escalation("edge", "cloud", "whim"),
         lambda m: m.set_node_up("edge-7", True),

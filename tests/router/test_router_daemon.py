@@ -55,9 +55,10 @@ def test_metrics_after_a_known_sequence(make_cluster) -> None:
             client.complete(**bad)
     m = scrape(cluster.daemon.metrics_port)
     requests = "ruyiflow_router_requests_total"
-    assert value(m, requests, tier="edge", exit="12", outcome="ok") == 3
-    assert value(m, requests, tier="cloud", exit="29", outcome="ok") == 1
-    assert value(m, "ruyiflow_router_rejected_requests_total", outcome="invalid") == 2
+    assert value(m, requests, tier="edge", exit="12", outcome="ok", api="grpc") == 3
+    assert value(m, requests, tier="cloud", exit="29", outcome="ok", api="grpc") == 1
+    rejected = "ruyiflow_router_rejected_requests_total"
+    assert value(m, rejected, outcome="invalid", api="grpc") == 2
     tokens = "ruyiflow_router_generated_tokens_total"
     assert [value(m, tokens, exit=e) for e in ("12", "20", "29")] == [11, 5, 4]
     handoff = {"from_tier": "edge", "to_tier": "cloud", "mode": "hidden", "reason": "forced"}
@@ -104,7 +105,7 @@ def test_stop_drains_in_flight_and_refuses_new(cluster) -> None:
     assert tokens == list(range(100, 110))  # the in-flight stream finished
     stopped.join(5)
     assert not stopped.is_alive()
-    assert 'ruyiflow_router_rejected_requests_total{outcome="unavailable"} 1.0' in (
+    assert 'ruyiflow_router_rejected_requests_total{api="grpc",outcome="unavailable"} 1.0' in (
         cluster.metrics_text()
     )
 
