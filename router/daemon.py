@@ -1,5 +1,6 @@
 """The router daemon: topology → registry + scorer + metrics + servicer, served over gRPC (health,
-reflection, error interceptor) and `/metrics`, drained on SIGTERM/SIGINT.
+reflection, error interceptor), the OpenAI-compatible HTTP API (`router.http`, same servicer) and
+`/metrics`, drained on SIGTERM/SIGINT.
 
 `ruyiflow router --topology FILE` calls `main(namespace)`; `run_router(...)` is the same without
 argument parsing; `RouterDaemon` is the start/stop handle tests and `ruyiflow up` can hold.
@@ -16,16 +17,27 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ruyiflow.cluster.errors import TopologyError
-from ruyiflow.cluster.grpc_server import GrpcServer, drain_and_stop, serve_grpc, service_name
+from ruyiflow.cluster.grpc_server import (
+    DEFAULT_MAX_WORKERS,
+    GrpcServer,
+    drain_and_stop,
+    serve_grpc,
+    service_name,
+)
 from ruyiflow.cluster.topology import Topology
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 from ruyiflow.router.metrics import MetricsServer, RouterMetrics
 from ruyiflow.router.registry import DEFAULT_POLL_INTERVAL_S, NodeRegistry
-from ruyiflow.router.scorer import make_scorer
+from ruyiflow.router.scorers import make_scorer
 from ruyiflow.router.service import RouterServicer
+
+if TYPE_CHECKING:
+    from ruyiflow.router.openai_server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +45,9 @@ STOP_GRACE_S = 1.0  # after draining, calls still open get this long before bein
 
 
 class RouterDaemon:
-    """A running router. `listen`/`metrics_address` override the topology's (port 0: any);
-    `serve_metrics=False` skips the HTTP server (the registry is still filled)."""
+    """A running router. `listen`/`metrics_address`/`http_address` override the topology's
+    (port 0: any; an empty `http_address` serves no OpenAI API); `serve_metrics=False` skips
+    the metrics server (the registry is still filled)."""
 
     def __init__(
         self,
@@ -42,6 +55,7 @@ class RouterDaemon:
         *,
         listen: str | None = None,
         metrics_address: str | None = None,
+        http_address: str | None = None,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
         rng: random.Random | None = None,
         serve_metrics: bool = True,
@@ -56,9 +70,12 @@ class RouterDaemon:
         )
         self._listen = listen or topology.router.listen
         self._metrics_address = metrics_address or topology.router.metrics
+        self._http_address = topology.router.http if http_address is None else http_address
         self._serve_metrics = serve_metrics
         self.server: GrpcServer | None = None
         self.metrics_server: MetricsServer | None = None
+        self.http_server: HttpServer | None = None
+        self._http_executor: ThreadPoolExecutor | None = None
         self._is_stopped = False
 
     def start(self) -> RouterDaemon:
@@ -70,24 +87,45 @@ class RouterDaemon:
         try:
             if self._serve_metrics:
                 self.metrics_server = self.metrics.serve(self._metrics_address)
+            if self._http_address:
+                self.http_server = self._serve_http(self._http_address)
         except OSError:
             self.server.stop(0)
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
             self.registry.close()
             raise
         self.server.set_serving(True)
         metrics_port = self.metrics_server.port if self.metrics_server else None
+        http_port = self.http_server.port if self.http_server else None
         log.info(
-            "router serving on port %d, metrics on port %s, %d nodes",
+            "router serving on port %d, OpenAI API on port %s, metrics on port %s, %d nodes",
             self.port,
+            http_port,
             metrics_port,
             len(self.topology.nodes),
         )
         return self
 
+    def _serve_http(self, address: str) -> HttpServer:
+        # Imported here: a router without `router.http` never loads the ASGI stack.
+        from ruyiflow.router.openai_app import build_app
+        from ruyiflow.router.openai_server import HttpServer
+
+        # One thread per open request, as the gRPC server holds one per open stream.
+        self._http_executor = ThreadPoolExecutor(DEFAULT_MAX_WORKERS, thread_name_prefix="openai")
+        app = build_app(self.servicer, self._http_executor)
+        return HttpServer(app, address, grace_s=STOP_GRACE_S).start()
+
     @property
     def port(self) -> int:
         assert self.server is not None, "start() first"
         return self.server.port
+
+    @property
+    def http_port(self) -> int:
+        assert self.http_server is not None, "start() with an http address first"
+        return self.http_server.port
 
     @property
     def metrics_port(self) -> int:
@@ -106,6 +144,10 @@ class RouterDaemon:
             num_in_flight = self.servicer.admission.num_in_flight
             log.info("draining %d request(s), grace %.1f s", num_in_flight, grace)
             is_idle = drain_and_stop(self.server, self.servicer.admission, grace, STOP_GRACE_S)
+        if self.http_server is not None:
+            self.http_server.stop()  # after the drain: HTTP requests were counted in it too
+        if self._http_executor is not None:
+            self._http_executor.shutdown(wait=False, cancel_futures=True)
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.registry.close()

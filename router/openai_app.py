@@ -1,0 +1,193 @@
+"""The router's OpenAI-compatible HTTP API (FastAPI): `POST /v1/chat/completions`,
+`POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /version`.
+
+A completion reads: body -> `openai_requests` (GenerateRequest) -> `RouterServicer.generate`
+on a worker thread (`openai_bridge`) -> `openai_responses` (JSON or server-sent events). The
+answer waits for the first chunk, so anything refused before a token exists gets its HTTP status;
+a later failure ends the stream with an error event. Every error becomes a status in
+`openai_errors`. A client that disconnects cancels its request on the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from importlib import metadata
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ruyiflow.cluster.openai_types import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+from ruyiflow.proto import ruyiflow_pb2 as pb
+from ruyiflow.router.openai_bridge import ChunkStream
+from ruyiflow.router.openai_errors import ApiError, error_answer
+from ruyiflow.router.openai_requests import chat_request, completion_request
+from ruyiflow.router.openai_responses import DONE, AnswerWriter, route_headers, sse
+from ruyiflow.router.service import RouterServicer
+
+MAX_BODY_BYTES = 1 << 20  # a 32 KiB prompt is at most ~200 KiB of JSON, even fully escaped
+JSON = "application/json"
+
+
+def _error(exc: BaseException) -> Response:
+    status, body = error_answer(exc)
+    return Response(body.model_dump_json(), status_code=status, media_type=JSON)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 once it passes MAX_BODY_BYTES (before parsing any of it)."""
+    too_large = ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", None, "too_large")
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise too_large
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def _cancel_on_disconnect(request: Request, stream: ChunkStream) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    stream.cancel()
+
+
+class OpenAIFrontEnd:
+    """The API over a router servicer; `executor` runs the blocking request path."""
+
+    def __init__(self, servicer: RouterServicer, executor: Executor) -> None:
+        self.servicer = servicer
+        self.topology = servicer.topology
+        self.executor = executor
+        self.started = int(time.time())
+
+    def model_of(self, node: str) -> str:
+        return self.topology.node(node).model
+
+    async def complete(self, request: Request, kind: str) -> Response:
+        try:
+            body = await _read_body(request)
+            if kind == "chat":
+                query, spec = chat_request(
+                    ChatCompletionRequest.model_validate_json(body), self.topology
+                )
+            else:
+                query, spec = completion_request(
+                    CompletionRequest.model_validate_json(body), self.topology
+                )
+            stream = ChunkStream(self.servicer, query, self.executor)
+        except Exception as exc:
+            return _error(exc)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, stream))
+        writer = AnswerWriter(spec, self.model_of, int(time.time()))
+        try:
+            first = await stream.next()
+            if first is None:
+                raise ApiError(499, "the client closed the request", None, "cancelled")
+            writer.add(first)
+            headers = {"x-request-id": spec.request_id}
+            if spec.stream:
+                headers |= route_headers([first.source], stream.trace.difficulty)
+                events = _events(stream, writer, first, watcher)
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            await _read_all(stream, writer, first)
+        except Exception as exc:
+            watcher.cancel()
+            stream.cancel()
+            return _error(exc)
+        watcher.cancel()
+        headers |= route_headers(list(writer.route.spans), stream.trace.difficulty)
+        return Response(writer.whole().model_dump_json(), media_type=JSON, headers=headers)
+
+    def models(self) -> ModelList:
+        routed = self.topology.routed_model
+        cards = []
+        for model in self.topology.models:
+            nodes = [n for n in self.topology.nodes if n.model == model.name]
+            max_len = min((n.max_context for n in nodes), default=None)  # fits on every node
+            extra = {"routed": model.name == routed, "nodes": [n.name for n in nodes]}
+            card = ModelCard(id=model.name, created=self.started, max_model_len=max_len)
+            cards.append(card.model_copy(update={"ruyiflow": extra}))
+        return ModelList(data=cards)
+
+    def health(self) -> JSONResponse:
+        """200 while at least one node serves and the router is not draining, else 503."""
+        nodes = {n.name: self.servicer.registry.is_available(n.name) for n in self.topology.nodes}
+        is_up = any(nodes.values()) and not self.servicer.admission.is_draining
+        body = {"status": "ok" if is_up else "unavailable", "nodes": nodes}
+        return JSONResponse(body, status_code=200 if is_up else 503)
+
+
+async def _read_all(stream: ChunkStream, writer: AnswerWriter, first: pb.Chunk) -> None:
+    chunk: pb.Chunk | None = first
+    while chunk is not None and chunk.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+        chunk = await stream.next()
+        if chunk is not None:
+            writer.add(chunk)
+
+
+async def _events(
+    stream: ChunkStream, writer: AnswerWriter, first: pb.Chunk, watcher: asyncio.Task[None]
+) -> AsyncIterator[bytes]:
+    """The SSE body: the role chunk and the first content chunk in one write, then one event
+    per chunk; the final content chunk is written with the usage chunk and `[DONE]`."""
+    try:
+        chunk, out = first, writer.stream_start() + writer.stream_chunk(first)
+        while chunk.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+            if out:
+                yield out
+            next_chunk = await stream.next()
+            if next_chunk is None:
+                return  # cancelled: the client is gone
+            chunk = next_chunk
+            writer.add(chunk)
+            out = writer.stream_chunk(chunk)
+        yield out + writer.stream_end()
+    except Exception as exc:  # after the headers: the stream ends with an error event
+        yield sse(error_answer(exc)[1]) + DONE
+    finally:
+        watcher.cancel()
+        stream.cancel()
+
+
+def build_app(servicer: RouterServicer, executor: Executor) -> FastAPI:
+    """The FastAPI app of the router's OpenAI-compatible API."""
+    front = OpenAIFrontEnd(servicer, executor)
+    app = FastAPI(title="ruyiflow", version=metadata.version("ruyiflow"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = "not_found" if exc.status_code == 404 else None
+        return _error(ApiError(exc.status_code, str(exc.detail), None, code))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await front.complete(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await front.complete(request, "completion")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return Response(front.models().model_dump_json(), media_type=JSON)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return front.health()
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": app.version, "api": "openai", "grpc": "ruyiflow.v1"}
+
+    return app
