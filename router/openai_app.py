@@ -1,5 +1,7 @@
-"""The router's OpenAI-compatible HTTP API (FastAPI): `POST /v1/chat/completions`,
-`POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /version`.
+"""The router's OpenAI-compatible HTTP API (Starlette): `POST /v1/chat/completions`,
+`POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /version`. Plain Starlette rather
+than FastAPI on top of it: bodies are parsed here (to map their errors), and FastAPI's middleware
+stack measured ~0.5-0.9 ms more per request on the time to first token.
 
 A completion reads: body -> `openai_requests` (GenerateRequest) -> `RouterServicer.generate`
 on a worker thread (`openai_bridge`) -> `openai_responses` (JSON or server-sent events). The
@@ -16,9 +18,11 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from importlib import metadata
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from ruyiflow.cluster.openai_types import (
     ChatCompletionRequest,
@@ -116,8 +120,11 @@ class OpenAIFrontEnd:
             nodes = [n for n in self.topology.nodes if n.model == model.name]
             max_len = min((n.max_context for n in nodes), default=None)  # fits on every node
             extra = {"routed": model.name == routed, "nodes": [n.name for n in nodes]}
-            card = ModelCard(id=model.name, created=self.started, max_model_len=max_len)
-            cards.append(card.model_copy(update={"ruyiflow": extra}))
+            cards.append(
+                ModelCard(
+                    id=model.name, created=self.started, max_model_len=max_len, ruyiflow=extra
+                )
+            )
         return ModelList(data=cards)
 
     def health(self) -> JSONResponse:
@@ -160,34 +167,36 @@ async def _events(
         stream.cancel()
 
 
-def build_app(servicer: RouterServicer, executor: Executor) -> FastAPI:
-    """The FastAPI app of the router's OpenAI-compatible API."""
+def build_app(servicer: RouterServicer, executor: Executor) -> Starlette:
+    """The ASGI app of the router's OpenAI-compatible API."""
     front = OpenAIFrontEnd(servicer, executor)
-    app = FastAPI(title="ruyiflow", version=metadata.version("ruyiflow"))
+    version = {"version": metadata.version("ruyiflow"), "api": "openai", "grpc": "ruyiflow.v1"}
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        code = "not_found" if exc.status_code == 404 else None
-        return _error(ApiError(exc.status_code, str(exc.detail), None, code))
-
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await front.complete(request, "chat")
 
-    @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await front.complete(request, "completion")
 
-    @app.get("/v1/models")
-    async def models() -> Response:
+    async def models(request: Request) -> Response:
         return Response(front.models().model_dump_json(), media_type=JSON)
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
+    async def health(request: Request) -> Response:
         return front.health()
 
-    @app.get("/version")
-    async def version() -> dict[str, str]:
-        return {"version": app.version, "api": "openai", "grpc": "ruyiflow.v1"}
+    async def version_info(request: Request) -> Response:
+        return JSONResponse(version)
 
-    return app
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        code = "not_found" if status == 404 else None
+        return _error(ApiError(status, str(getattr(exc, "detail", exc)), None, code))
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/version", version_info, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -27,6 +27,14 @@ from ruyiflow.router.openai_errors import ApiError, invalid
 from ruyiflow.router.requests import MAX_PROMPT_BYTES, MAX_PROMPT_TOKEN_IDS
 
 AUTO_MODEL = "auto"
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "seed",
+)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Fields we do not implement, at the value that changes nothing (None is neutral for all).
 NEUTRAL: dict[str, Any] = {
@@ -84,26 +92,26 @@ def _routed_model(model: str, options: RuyiflowOptions | None, topology: Topolog
         raise invalid(f"node {node!r} does not serve model {model!r}", "ruyiflow.node")
 
 
-def _sampling(body: SamplingRequest, max_tokens: int | None) -> pb.SamplingParams:
+def _set(message: Any, field: str, value: Any, param: str) -> None:
+    """Set a proto field; a value its type cannot hold (a uint32 over 2**32) is the client's."""
+    try:
+        setattr(message, field, value)
+    except (ValueError, TypeError):
+        raise invalid(f"{param} is out of range", param) from None
+
+
+def _sampling(body: SamplingRequest, max_tokens: int | None, param: str) -> pb.SamplingParams:
     s = pb.SamplingParams()
     if max_tokens is not None:
-        s.max_tokens = max_tokens
-    if body.temperature is not None:
-        s.temperature = body.temperature
-    if body.top_p is not None:
-        s.top_p = body.top_p
+        _set(s, "max_tokens", max_tokens, param)
     if body.top_k is not None and body.top_k > 0:
-        s.top_k = body.top_k
-    if body.min_p is not None:
-        s.min_p = body.min_p
-    if body.repetition_penalty is not None:
-        s.repetition_penalty = body.repetition_penalty
-    if body.no_repeat_ngram_size is not None:
-        s.no_repeat_ngram_size = body.no_repeat_ngram_size
-    if body.seed is not None:
-        if not 0 <= body.seed < 2**63:
-            raise invalid("seed must be in [0, 2**63)", "seed")
-        s.seed = body.seed
+        _set(s, "top_k", body.top_k, "top_k")
+    for name in SAMPLING_FIELDS:
+        value = getattr(body, name)
+        if value is not None:
+            _set(s, name, value, name)
+    if s.HasField("seed") and s.seed >= 2**63:
+        raise invalid("seed must be in [0, 2**63)", "seed")
     s.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop or [])
     return s
 
@@ -112,7 +120,7 @@ def _overrides(options: RuyiflowOptions | None, request: pb.GenerateRequest) -> 
     if options is None:
         return
     if options.exit is not None:
-        request.overrides.exit = options.exit
+        _set(request.overrides, "exit", options.exit, "ruyiflow.exit")
     if options.tier is not None:
         if options.tier not in TIERS:
             raise invalid(f"tier must be one of {', '.join(TIERS)}", "ruyiflow.tier")
@@ -126,7 +134,7 @@ def _overrides(options: RuyiflowOptions | None, request: pb.GenerateRequest) -> 
         request.overrides.handoff_mode = HANDOFF_MODE.value(options.handoff_mode)
     if options.escalation is not None:
         for key, value in options.escalation.model_dump(exclude_none=True).items():
-            setattr(request.escalation, key, value)
+            _set(request.escalation, key, value, f"ruyiflow.escalation.{key}")
 
 
 def _common(
@@ -145,7 +153,9 @@ def _common(
         _refuse_extras(body.stream_options.model_extra, "stream_options.")
         include_usage = bool(body.stream_options.include_usage)
     request = pb.GenerateRequest(request_id=uuid.uuid4().hex)
-    request.sampling.CopyFrom(_sampling(body, max_tokens))
+    uses_completion_tokens = getattr(body, "max_completion_tokens", None) is not None
+    param = "max_completion_tokens" if uses_completion_tokens else "max_tokens"
+    request.sampling.CopyFrom(_sampling(body, max_tokens, param))
     _overrides(body.ruyiflow, request)
     spec = AnswerSpec(kind, request.request_id, bool(body.stream), include_usage, None)
     return request, spec

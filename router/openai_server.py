@@ -12,7 +12,7 @@ import threading
 import time
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from ruyiflow.cluster.errors import PortInUse
 from ruyiflow.cluster.units import parse_address
@@ -21,16 +21,31 @@ START_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 30  # idle client connections stay open this long (OpenAI clients reuse them)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket. Its protocol is IPPROTO_TCP, not 0 as `socket.create_server`
+    makes it: asyncio turns Nagle off only on such sockets (and their accepted connections),
+    and with Nagle on, a stream's first event waits ~40 ms for the ACK of the headers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class HttpServer:
     """A running HTTP server for `app` on `address` (`host:port`, port 0 picks one)."""
 
     def __init__(
-        self, app: FastAPI, address: str, field: str = "router.http", grace_s: float = 1.0
+        self, app: ASGIApp, address: str, field: str = "router.http", grace_s: float = 1.0
     ) -> None:
         host, port = parse_address(address, allow_zero=True)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            self._socket = socket.create_server((host, port), family=family)
+            self._socket = _listen(host, port)
         except OSError as exc:
             raise PortInUse.from_os_error(exc, address, field) from None
         config = uvicorn.Config(

@@ -48,6 +48,9 @@ BAD_CHAT_FIELDS = [
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"max_tokens": 4, "max_completion_tokens": 5}, "max_completion_tokens"),
     ({"seed": -1}, "seed"),
+    ({"seed": 2**63}, "seed"),
+    ({"max_tokens": 2**40}, "max_tokens"),
+    ({"extra_body": {"ruyiflow": {"exit": 2**40}}}, "ruyiflow.exit"),
     (
         {"extra_body": {"chat_template_kwargs": {"add_generation_prompt": False}}},
         "chat_template_kwargs.add_generation_prompt",

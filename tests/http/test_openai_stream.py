@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 
 import openai
+import pytest
 
 from tests.http.conftest import api_client
 from tests.router.cluster import Cluster
@@ -124,23 +126,28 @@ def test_failover_and_handoff_mid_stream_are_invisible_in_the_text(fake_api, fak
     assert reasons == ["node_failure", "forced"], trace
 
 
-def test_disconnect_cancels_the_node_stream(fake):
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_disconnect_cancels_the_node_stream(fake, stream):
     node = fake.nodes["edge-0"]
     node.behaviour.token_delay_s = 0.05
-    cancelled_before = node.num_cancelled
+    cancelled_before, asked_before = node.num_cancelled, len(node.generate_requests)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", fake.daemon.http_port, timeout=10)
         body = {
             "model": "auto",
             "messages": USER,
             "max_tokens": 200,
-            "stream": True,
+            "stream": stream,
             "ruyiflow": {"node": "edge-0"},
         }
         conn.request("POST", "/v1/chat/completions", json.dumps(body))
-        response = conn.getresponse()
-        assert response.readline().startswith(b"data: ")
-        conn.sock.shutdown(2)
+        if stream:
+            assert conn.getresponse().readline().startswith(b"data: ")
+        else:
+            deadline = time.monotonic() + 5
+            while len(node.generate_requests) == asked_before and time.monotonic() < deadline:
+                time.sleep(0.01)  # wait until the node generates (no answer before it ends)
+        conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
         deadline = time.monotonic() + 5
         while node.num_cancelled == cancelled_before and time.monotonic() < deadline:
