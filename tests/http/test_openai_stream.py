@@ -214,3 +214,20 @@ def test_health_is_503_without_a_serving_node():
         assert api.models.list().data[0].id == "smollm2"  # listing needs no node
     finally:
         cluster.close()
+
+
+def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event():
+    cluster = Cluster(http_address="127.0.0.1:0", max_retries=0)
+    try:
+        cluster.nodes["edge-0"].behaviour.die_after = 2
+        body = {"model": "auto", "messages": USER, "max_tokens": 5, "stream": True}
+        body["ruyiflow"] = {"node": "edge-0"}
+        response, data = raw_post(cluster.daemon.http_port, "/v1/chat/completions", body)
+        assert response.status == 200  # the headers were out before the node broke
+        *_, error, done, end = data.split(b"\n\n")
+        assert (done, end) == (b"data: [DONE]", b"")
+        detail = json.loads(error.removeprefix(b"data: "))["error"]
+        assert detail["type"] == "server_error" and "all 0 retries are used" in detail["message"]
+        assert b"t100 " in data and b"t101 " in data
+    finally:
+        cluster.close()
