@@ -1,21 +1,25 @@
 """`ruyiflow bench cluster`: what the router costs and what a handoff costs, on a local cluster
 (router + edge-0 + cloud-0 on loopback), each figure against a baseline measured in the same run:
 router-added time to first token vs calling the node directly (1/16/64 concurrent streams),
-handoff `hidden` vs `tokens` (bytes, milliseconds) at 128/512/2048 tokens of context, and the
-requests/s the router sustains."""
+through the router's gRPC API and its OpenAI HTTP API (a streamed `/v1/completions`, same
+prompt and exit), handoff `hidden` vs `tokens` (bytes, milliseconds) at 128/512/2048 tokens of
+context, and the requests/s the router sustains."""
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 from ruyiflow.router.client import RouterClient, build_request
 
@@ -47,28 +51,73 @@ def _ttft(stub: pb_grpc.NodeStub | pb_grpc.RouterStub) -> float:
     return first
 
 
+class HttpProbe:
+    """TTFT of a streamed `/v1/completions` (the same token-id prompt, 2 tokens at exit 12):
+    seconds to the first event, reading the stream to its end; one keep-alive connection per
+    thread, as an OpenAI client keeps."""
+
+    def __init__(self, address: str) -> None:
+        self.host, port = address.rsplit(":", 1)
+        self.port = int(port)
+        self._local = threading.local()
+        self.body = json.dumps(
+            {
+                "model": "auto",
+                "prompt": PROMPT,
+                "max_tokens": 2,
+                "stream": True,
+                "ruyiflow": {"exit": 12},
+            }
+        ).encode()
+
+    def __call__(self) -> float:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = http.client.HTTPConnection(self.host, self.port)
+        started = time.perf_counter()
+        conn.request("POST", "/v1/completions", self.body, {"content-type": "application/json"})
+        response = conn.getresponse()
+        if not response.readline().startswith(b"data: {"):
+            raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
+        first = time.perf_counter() - started
+        response.read()
+        return first
+
+
 def added_latency(addr: dict[str, str], streams: int, requests: int) -> dict[str, float]:
-    """TTFT through the router vs straight to edge-0, `streams` at a time."""
+    """TTFT through the router (gRPC and OpenAI HTTP) vs straight to edge-0, `streams` at a
+    time. Each of `requests` rounds runs the three probes back to back, in rotating order, so
+    all three see the same load on a machine whose load drifts."""
     with (
         grpc.insecure_channel(addr["edge"]) as node_ch,
         grpc.insecure_channel(addr["router"]) as r_ch,
     ):
         node, router = pb_grpc.NodeStub(node_ch), pb_grpc.RouterStub(r_ch)
-        results = {}
-        for name, stub in (("direct", node), ("router", router)):
-            _ttft(stub)  # warm the channel
-            with ThreadPoolExecutor(streams) as pool:
-                results[name] = list(pool.map(lambda _, s=stub: _ttft(s), range(requests)))
-    d50, r50 = statistics.median(results["direct"]), statistics.median(results["router"])
-    return {
-        "streams": streams,
-        "direct_p50_ms": d50 * 1e3,
-        "router_p50_ms": r50 * 1e3,
-        "added_p50_ms": (r50 - d50) * 1e3,
-        "added_p99_ms": (percentile(results["router"], 0.99) - percentile(results["direct"], 0.99))
-        * 1e3,
-        "added_fraction_of_ttft": (r50 - d50) / r50,
-    }
+        probes = {
+            "direct": lambda: _ttft(node),
+            "router": lambda: _ttft(router),
+            "http": HttpProbe(addr["router_http"]),
+        }
+        names = list(probes)
+
+        def one_round(i: int) -> dict[str, float]:
+            order = names[i % 3 :] + names[: i % 3]
+            return {name: probes[name]() for name in order}
+
+        with ThreadPoolExecutor(streams) as pool:
+            list(pool.map(one_round, range(streams)))  # warm channels and connections
+            rounds = list(pool.map(one_round, range(requests)))
+    results = {name: [r[name] for r in rounds] for name in names}
+    d50 = statistics.median(results["direct"])
+    d99 = percentile(results["direct"], 0.99)
+    out: dict[str, float] = {"streams": streams, "direct_p50_ms": d50 * 1e3}
+    for name in ("router", "http"):
+        p50 = statistics.median(results[name])
+        out[f"{name}_p50_ms"] = p50 * 1e3
+        out[f"{name}_added_p50_ms"] = (p50 - d50) * 1e3
+        out[f"{name}_added_p99_ms"] = (percentile(results[name], 0.99) - d99) * 1e3
+    out["http_minus_grpc_p50_ms"] = out["http_p50_ms"] - out["router_p50_ms"]
+    return out
 
 
 def handoff_cost(client: RouterClient, context: int, mode: str) -> dict[str, float]:
@@ -133,15 +182,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print("router-added time to first token (baseline: Node.Generate on edge-0 directly)")
     print(
-        f"{'streams':>8} {'direct p50':>11} {'router p50':>11} "
+        f"{'streams':>8} {'api':>5} {'direct p50':>11} {'router p50':>11} "
         f"{'added p50':>10} {'added p99':>10} {'of TTFT':>8}"
     )
     for r in latency:
-        print(
-            f"{r['streams']:>8} {r['direct_p50_ms']:>9.1f}ms {r['router_p50_ms']:>9.1f}ms "
-            f"{r['added_p50_ms']:>8.2f}ms {r['added_p99_ms']:>8.2f}ms "
-            f"{100 * r['added_fraction_of_ttft']:>7.1f}%"
-        )
+        for api, key in (("grpc", "router"), ("http", "http")):
+            p50 = r[f"{key}_p50_ms"]
+            added = r[f"{key}_added_p50_ms"]
+            print(
+                f"{r['streams']:>8} {api:>5} {r['direct_p50_ms']:>9.1f}ms {p50:>9.1f}ms "
+                f"{added:>8.2f}ms {r[f'{key}_added_p99_ms']:>8.2f}ms {100 * added / p50:>7.1f}%"
+            )
+        print(f"{'':>8} HTTP minus gRPC p50: {r['http_minus_grpc_p50_ms']:+.2f} ms")
     print("\nhandoff edge-0 exit 16 -> cloud-0 (forced after 1 token)")
     print(f"{'context':>8} {'mode':>7} {'bytes':>12} {'ms':>8}")
     for h in handoffs:
