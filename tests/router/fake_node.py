@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from ruyiflow.cluster.grpc_server import GrpcServer, serve_grpc, service_name
+from ruyiflow.cluster.wire import TIER
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
@@ -28,7 +29,6 @@ MODEL_EXITS = (12, 16, 20, 24, 29)
 PROMPT_IDS = (1, 2, 3, 4)
 HIDDEN_PAYLOAD = bytes(range(256)) * 16  # 4 KiB stands in for boundary hidden states + KV
 SHAPE = pb.ModelShape(num_layers=30, hidden_size=576, num_kv_heads=3, head_dim=64, dtype_bytes=4)
-TIERS = {"edge": pb.TIER_EDGE, "cloud": pb.TIER_CLOUD}
 
 
 def token_id(offset: int) -> int:
@@ -78,7 +78,7 @@ class FakeNode(pb_grpc.NodeServicer):
     # --- generation ---------------------------------------------------------------------------
 
     def _source(self, exit_: int) -> pb.Source:
-        return pb.Source(node=self.name, tier=TIERS[self.tier], exit=exit_)
+        return pb.Source(node=self.name, tier=TIER.value(self.tier), exit=exit_)
 
     def _stream(
         self,
@@ -253,7 +253,7 @@ class FakeNode(pb_grpc.NodeServicer):
     def Info(self, request, context):  # noqa: N802
         return pb.NodeInfo(
             name=self.name,
-            tier=TIERS[self.tier],
+            tier=TIER.value(self.tier),
             model="smollm2",
             model_fingerprint=FINGERPRINT,
             family="llama",

@@ -10,13 +10,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from ruyiflow.cluster.topology import Threshold, Topology
-from ruyiflow.engine.errors import InvalidRequest
-from ruyiflow.router.policy import plan_route
 
 from ruyiflow import cmd_calibrate
+from ruyiflow.cluster.topology import Threshold, Topology
+from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.evaluation.prompts import load_prompts
 from ruyiflow.evaluation.results import load_results
+from ruyiflow.router.policy import plan_route
 from ruyiflow.scorer import calibrate as cal
 from tests.scorer.synthetic import make_records, prompt_lines, write_jsonl
 
