@@ -1,6 +1,9 @@
 """`ruyiflow bench engine`: decode speed of the engine on the embedded SmolLM2-135M, each figure
 a ratio against a baseline measured in the same run (transformers `generate` on the same weights,
-the memory-bandwidth bound, single stream, the last exit, re-prefilling)."""
+the memory-bandwidth bound, single stream, the last exit, re-prefilling).
+
+The table and the JSON name the CPU GEMV path that ran (`kernels.cpu_gemv.active_path()`);
+`RUYIFLOW_CPU_GEMV=avx2` (or `avx512`, `plain`, `off`) forces one."""
 
 from __future__ import annotations
 
@@ -9,9 +12,11 @@ import json
 import time
 
 import torch
+
 from ruyiflow.engine.checkpoint import load_model
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.sampling import SamplingParams
+from ruyiflow.kernels import cpu_gemv
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 1690, 17, 45]
 
@@ -24,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes/s this machine streams from memory (sum over a buffer far larger than the caches)."""
+    """Bytes/s this machine streams from memory: the best of `repeats` sums over a buffer far
+    larger than the caches (the bound of `bench engine` and `bench moe`)."""
     x = torch.ones(int(gib * 2**30) // 4)
     x.sum()
     best = float("inf")
@@ -126,6 +132,7 @@ def switch_vs_prefill(loaded, context: int) -> tuple[float, float]:
 
 def run(args: argparse.Namespace) -> int:
     n = args.tokens
+    gemv = cpu_gemv.active_path()  # builds the kernel (or raises for a path the CPU lacks) first
     bandwidth = memory_bandwidth()
     f32 = load_model("smollm2", "float32")
     bf16 = load_model("smollm2", "bfloat16")
@@ -136,8 +143,6 @@ def run(args: argparse.Namespace) -> int:
     hf = None if args.skip_transformers else transformers_rate(f32, n)
     rows.append(("single stream f32 (tok/s)", ours, "transformers generate f32", hf))
     rows.append(("single stream f32 (tok/s)", ours, "f32 bandwidth bound", bound))
-    from ruyiflow.kernels import cpu_gemv
-
     cpu_gemv.set_threads(2)  # a machine this process has to itself (see kernels/cpu_gemv.py)
     ours2 = decode_rate(Engine(f32), n, last)
     bf16_2 = decode_rate(Engine(bf16), n, last)
@@ -200,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
                 {
                     "bandwidth_gb_s": round(bandwidth / 1e9, 2),
                     "threads": torch.get_num_threads(),
+                    "gemv_path": gemv,
                     "rows": report,
                 },
                 indent=2,
@@ -208,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(
         f"memory bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} torch threads, "
-        f"GEMV 1 thread unless noted, {n} decode tokens per figure"
+        f"GEMV path {gemv}, 1 thread unless noted, {n} decode tokens per figure"
     )
     print(f"{'figure':<38} {'ours':>9}  {'baseline':<44} {'value':>9} {'ratio':>7}")
     for r in report:

@@ -145,21 +145,10 @@ def transformers_rate(model, n: int) -> tuple[float, list[int]]:
     return n / (t_full - t_one), tokens
 
 
-def bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes/s this machine streams (sum over a buffer far larger than the caches)."""
-    x = torch.ones(int(gib * 2**30) // 4)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - started)
-    return x.numel() * 4 / best
-
-
 def bench_family(family: str, a: argparse.Namespace) -> dict:
-    from ruyiflow.engine.checkpoint import load_model
     from transformers import AutoModelForCausalLM
+
+    from ruyiflow.engine.checkpoint import load_model
 
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(hf_config(family, a), dtype=torch.float32).eval()
@@ -193,18 +182,19 @@ def bench_family(family: str, a: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ruyiflow.bench.engine import memory_bandwidth
     from ruyiflow.kernels import cpu_gemv
 
-    args.bandwidth = bandwidth()
+    args.bandwidth = memory_bandwidth()
     rows = [bench_family(f.strip(), args) for f in args.families.split(",") if f.strip()]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"gemv_path": cpu_gemv.active_path(), "rows": rows}, indent=2))
         return 0
     print(
         f"MoE decode on CPU ({torch.get_num_threads()} threads), float32, hidden {args.hidden}, "
         f"{args.layers} layers, {args.experts} experts top-{args.top_k}, expert width "
         f"{args.expert_size}, vocab {args.vocab}, {args.tokens} tokens, best of {args.repeats}; "
-        f"C GEMV kernel {'on' if cpu_gemv.is_available() else 'off'}"
+        f"CPU GEMV path {cpu_gemv.active_path()}"
     )
     print(
         f"{'family':<16} {'params':>8} {'active':>8} {'KV B/tok':>9} {'bound':>7} "

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ruyiflow.engine.checkpoint import load_model
 from ruyiflow.engine.model import Work
-
+from ruyiflow.kernels import cpu_gemv
 from tests import tiny
 
 IDS = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 1690, 17, 45, 99, 1000, 2000, 3000]
@@ -102,5 +103,23 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
     a, b = load_model(str(single)), load_model(str(sharded))
     assert a.fingerprint == b.fingerprint
+    for wa, wb in zip(weights(a), weights(b), strict=True):
+        assert torch.equal(wa, wb)
     ids = [5, 17, 200, 3, 99]
-    torch.testing.assert_close(ours(a, ids, 3), ours(b, ids, 3), rtol=0, atol=0)
+    got_a, got_b = ours(a, ids, 3), ours(b, ids, 3)  # the same CPU GEMV path for both
+    if cpu_gemv.active_path() == "off":
+        # F.linear's blocking follows the weights' alignment, which memory-mapped shards do not
+        # keep: equal up to float32 rounding only.
+        torch.testing.assert_close(got_a, got_b)
+    else:  # the C kernels' results do not depend on addresses (tests/kernels/test_cpu_gemv.py)
+        torch.testing.assert_close(got_a, got_b, rtol=0, atol=0)
+
+
+def weights(loaded) -> list[torch.Tensor]:
+    """Every weight tensor of a loaded dense model, in a fixed order."""
+    model = loaded.model
+    out = [model.embed, *(t for layer in model.layers for t in layer.tensors())]
+    for e in sorted(model.branches):
+        branch = model.branches[e]
+        out += [*branch.layer.tensors(), branch.norm, branch.head]
+    return out

@@ -1,8 +1,10 @@
-"""CPU decode GEMV (`kernels.cpu_gemv`): the C kernel against `F.linear` in float64 (float32) and
-float32 math (bfloat16), per-row bitwise determinism, fallbacks, and the build cache.
+"""CPU decode GEMV (`kernels.cpu_gemv`): every kernel path against `F.linear` in float64 (float32)
+and float32 math (bfloat16), bitwise determinism per row and per address, path selection and its
+errors, fallbacks, and the build cache.
 
-The kernel's tests build the library once per module into a temporary cache and skip only where
-gcc is missing. Tolerances are relative to sum_i |x[m, i] * W[o, i]| + |bias[o]|, the scale a dot
+Kernel tests run once per path (`avx512`, `avx2`, `plain`); a path this CPU lacks is skipped with
+the reason, and every kernel test skips where gcc is missing. Builds go once per module into a
+temporary cache. Tolerances are relative to sum_i |x[m, i] * W[o, i]| + |bias[o]|, the scale a dot
 product's rounding error is proportional to.
 """
 
@@ -18,48 +20,75 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from ruyiflow.kernels import cpu_gemv
-from ruyiflow.kernels.cpu_gemv import cpu_linear
 
-# (out, in): in not a multiple of 16/32, one or several chunks of `in` (float32 M >= 5 at 1536,
+from ruyiflow.kernels import cpu_gemv
+from ruyiflow.kernels.cpu_gemv import UnsupportedPath, cpu_linear
+
+# (out, in): in not a multiple of 8/16/32, one or several chunks of `in` (float32 M >= 5 at 1536,
 # M = 16 at 576; 5000 at every M > 1), a single output, a tall LM-head-like matrix.
 SHAPES = [(1, 17), (3, 100), (64, 576), (96, 1536), (40, 5000), (49157, 48)]
-ROWS = [1, 2, 5, 8, 16]
+# Every block shape of both SIMD paths: 3 and 9 rows split into unequal x blocks.
+ROWS = [1, 2, 3, 5, 8, 9, 16]
+AVX2_ONLY = frozenset({"avx", "avx2", "fma", "f16c", "sse4_2"})
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The kernel built into (and loaded from) a fresh cache directory for this module."""
+    """A fresh cache directory for this module's builds."""
     if shutil.which("gcc") is None:
         pytest.skip("gcc is not installed: the C GEMV kernel cannot be built")
     directory = tmp_path_factory.mktemp("kernels")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RUYIFLOW_CACHE", str(directory))
-        mp.delenv(cpu_gemv.ENV_SWITCH, raising=False)
-        cpu_gemv.reset()
-        assert cpu_gemv.is_available()
         yield directory
     cpu_gemv.reset()
 
 
+@pytest.fixture(params=cpu_gemv.PATHS)
+def path(
+    request: pytest.FixtureRequest, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """`cpu_linear` forced onto one kernel path (skipped where the CPU lacks it)."""
+    try:
+        cpu_gemv.build_for(request.param)
+    except UnsupportedPath as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv(cpu_gemv.ENV_SWITCH, request.param)
+    cpu_gemv.reset()
+    assert cpu_gemv.active_path() == request.param
+    yield request.param
+    monkeypatch.undo()
+    cpu_gemv.reset()
+
+
 @pytest.fixture
-def kernel_only(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail any call that would fall back to `F.linear` instead of running the kernel."""
+def kernel_only(path: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The `path` fixture, failing any call that would fall back to `F.linear`."""
 
     def fallback(*args: object) -> None:
         raise AssertionError("cpu_linear fell back to F.linear")
 
     monkeypatch.setattr(cpu_gemv, "F", SimpleNamespace(linear=fallback))
+    return path
 
 
 @pytest.fixture
-def fallback_only(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail any call that would reach the C kernel instead of `F.linear`."""
+def fallback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail any call that would reach a C kernel instead of `F.linear`."""
 
     def kernel(*args: object) -> int:
         raise AssertionError("cpu_linear ran the C kernel")
 
     monkeypatch.setattr(cpu_gemv, "_kernels", {torch.float32: kernel, torch.bfloat16: kernel})
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """A monkeypatch after which the next call re-reads the switch, and the one after the test."""
+    cpu_gemv.reset()
+    yield monkeypatch
+    monkeypatch.undo()
+    cpu_gemv.reset()
 
 
 def inputs(
@@ -78,28 +107,28 @@ def scale(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_float32_matches_float64(kernel_only, shape, rows, bias) -> None:
-    x, w, b = inputs(*shape, rows, torch.float32, bias)
-    y = cpu_linear(x, w, b)
-    assert y.shape == (rows, shape[0]) and y.dtype == torch.float32
-    expected = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
-    err = (y.double() - expected).abs() / scale(x, w, b)
-    assert err.max().item() < 1e-5
+def test_float32_matches_float64(kernel_only, shape, bias) -> None:
+    x, w, b = inputs(*shape, max(ROWS), torch.float32, bias)
+    expected = F.linear(x.double(), w.double(), None if b is None else b.double())
+    bound = 1e-5 * scale(x, w, b)
+    for rows in ROWS:  # the first rows of x: rows are independent in the reference
+        y = cpu_linear(x[:rows].contiguous(), w, b)
+        assert y.shape == (rows, shape[0]) and y.dtype == torch.float32
+        assert ((y.double() - expected[:rows]).abs() <= bound[:rows]).all(), rows
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bfloat16_matches_float32_math(kernel_only, shape, rows, bias) -> None:
-    x, w, b = inputs(*shape, rows, torch.bfloat16, bias)
-    y = cpu_linear(x, w, b)
-    assert y.shape == (rows, shape[0]) and y.dtype == torch.bfloat16
-    expected = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
-    # One bfloat16 rounding of the output (half an ulp: 2^-9 relative) on top of float32 sums.
-    err = (y.double() - expected.double()).abs()
-    assert (err <= 2**-8 * expected.double().abs() + 1e-5 * scale(x, w, b)).all()
+def test_bfloat16_matches_float32_math(kernel_only, shape, bias) -> None:
+    x, w, b = inputs(*shape, max(ROWS), torch.bfloat16, bias)
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float()).double()
+    # One bfloat16 rounding of the output (half an ulp: 2^-9 relative) on float32 sums.
+    bound = 2**-8 * expected.abs() + 1e-5 * scale(x, w, b)
+    for rows in ROWS:
+        y = cpu_linear(x[:rows].contiguous(), w, b)
+        assert y.shape == (rows, shape[0]) and y.dtype == torch.bfloat16
+        assert ((y.double() - expected[:rows]).abs() <= bound[:rows]).all(), rows
 
 
 def test_bfloat16_output_rounds_to_nearest_even(kernel_only) -> None:
@@ -119,20 +148,49 @@ def test_bfloat16_output_rounds_to_nearest_even(kernel_only) -> None:
 @pytest.mark.parametrize("shape", [(64, 576), (96, 1536), (40, 5000), (3, 100)])
 def test_row_alone_equals_row_in_batch_bitwise(kernel_only, dtype, shape) -> None:
     x, w, b = inputs(*shape, 16, dtype, bias=True)
-    batch16 = cpu_linear(x, w, b)
-    batch8 = cpu_linear(x[:8].contiguous(), w, b)
-    assert torch.equal(batch8, batch16[:8])
-    from ruyiflow.kernels import cpu_gemv
-
     try:
         for num_threads in (1, 2):
             cpu_gemv.set_threads(num_threads)
             batch16 = cpu_linear(x, w, b)
+            for rows in (3, 8, 9):
+                assert torch.equal(cpu_linear(x[:rows].contiguous(), w, b), batch16[:rows])
             for m in range(16):
                 alone = cpu_linear(x[m : m + 1].contiguous(), w, b)
                 assert torch.equal(alone[0], batch16[m]), (num_threads, m)
     finally:
         cpu_gemv.set_threads(1)
+
+
+def at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous copy of `t` whose data starts `offset` elements into a fresh buffer."""
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype)
+    return buf[offset:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_result_does_not_depend_on_addresses(kernel_only, dtype) -> None:
+    # Memory-mapped checkpoint shards leave weights at any offset (F.linear's result moves then).
+    x, w, b = inputs(96, 1536, 5, dtype, bias=True)
+    expected = cpu_linear(x, w, b)
+    for offset in (1, 3, 8):
+        y = cpu_linear(at_offset(x, offset), at_offset(w, offset), at_offset(b, offset))
+        assert torch.equal(y, expected), offset
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avx2_and_avx512_agree_bitwise(
+    cache: Path, fresh: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    # The two builds sum in the same order (vdpbf16ps differs only on subnormals: none here).
+    if not {"avx512", "avx2"} <= set(cpu_gemv.supported_paths()):
+        pytest.skip("this CPU lacks AVX-512 or AVX2: nothing to compare")
+    results = []
+    for path in ("avx512", "avx2"):
+        fresh.setenv(cpu_gemv.ENV_SWITCH, path)
+        cpu_gemv.reset()
+        results.append([cpu_linear(*inputs(*shape, 9, dtype, bias=True)) for shape in SHAPES])
+    for shape, a, b in zip(SHAPES, *results, strict=True):
+        assert torch.equal(a, b), shape
 
 
 def unsupported_cases() -> dict[str, tuple]:
@@ -174,43 +232,85 @@ def test_autograd_falls_back(fallback_only) -> None:
     assert torch.allclose(w.grad, x.sum(0).expand(24, 40))
 
 
-def test_disabled_by_env(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(cpu_gemv.ENV_SWITCH, "0")
-    cpu_gemv.reset()
-    try:
-        assert not cpu_gemv.is_available()
-        for dtype in (torch.float32, torch.bfloat16):
-            x, w, b = inputs(96, 1536, 8, dtype, bias=True)
-            assert torch.equal(cpu_linear(x, w, b), F.linear(x, w, b))
-    finally:
-        monkeypatch.undo()
-        cpu_gemv.reset()
-    assert cpu_gemv.is_available()
+@pytest.mark.parametrize("value", ["off", "0"])
+def test_off_switch_is_F_linear(cache: Path, fresh: pytest.MonkeyPatch, value: str) -> None:
+    fresh.setenv(cpu_gemv.ENV_SWITCH, value)
+    assert cpu_gemv.active_path() == "off" and not cpu_gemv.is_available()
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, b = inputs(96, 1536, 8, dtype, bias=True)
+        assert torch.equal(cpu_linear(x, w, b), F.linear(x, w, b))
 
 
-def test_missing_gcc_warns_once_and_falls_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [(None, None), (AVX2_ONLY, "avx2"), (frozenset({"sse2"}), "plain")],
+    ids=["this CPU", "AVX2 only", "no AVX"],
+)
+def test_auto_picks_the_fastest_path_the_cpu_has(
+    cache: Path, fresh: pytest.MonkeyPatch, flags: frozenset[str] | None, expected: str | None
 ) -> None:
-    monkeypatch.setenv("RUYIFLOW_CACHE", str(tmp_path))  # empty: nothing to load
-    monkeypatch.delenv(cpu_gemv.ENV_SWITCH, raising=False)
-    monkeypatch.setattr(cpu_gemv.shutil, "which", lambda name: None)
+    if not cpu_gemv.is_x86_64():
+        pytest.skip("auto runs a kernel on x86-64 only")
+    if expected is not None and expected not in cpu_gemv.supported_paths():
+        pytest.skip(f"this CPU cannot run the {expected} build it would pick")
+    fresh.delenv(cpu_gemv.ENV_SWITCH, raising=False)
+    if flags is not None:  # a CPU with fewer features than this one
+        fresh.setattr(cpu_gemv, "cpu_flags", lambda: flags)
+    assert cpu_gemv.active_path() == (expected or cpu_gemv.supported_paths()[0])
+    x, w, b = inputs(64, 576, 2, torch.float32, bias=True)
+    torch.testing.assert_close(cpu_linear(x, w, b), F.linear(x, w, b))
+
+
+def test_forcing_a_path_the_cpu_lacks_is_an_error(cache: Path, fresh: pytest.MonkeyPatch) -> None:
+    fresh.setattr(cpu_gemv, "cpu_flags", lambda: AVX2_ONLY)
+    fresh.setenv(cpu_gemv.ENV_SWITCH, "avx512")
+    x, w, b = inputs(24, 40, 3, torch.float32, bias=True)
+    for _ in range(2):  # and stays one, call after call
+        with pytest.raises(UnsupportedPath, match="lacks avx512bw, avx512f, avx512vl.*avx2"):
+            cpu_linear(x, w, b)
+    fresh.setenv(cpu_gemv.ENV_SWITCH, "avx-512")
     cpu_gemv.reset()
-    try:
-        x, w, b = inputs(96, 576, 2, torch.float32, bias=True)
-        with caplog.at_level(logging.WARNING, logger=cpu_gemv.__name__):
-            for _ in range(3):
-                assert torch.equal(cpu_linear(x, w, b), F.linear(x, w, b))
-            assert not cpu_gemv.is_available()
-        assert len(caplog.records) == 1 and "gcc not found" in caplog.records[0].getMessage()
-    finally:
-        monkeypatch.undo()
-        cpu_gemv.reset()
+    with pytest.raises(ValueError, match="expected one of auto, avx512, avx2, plain, off"):
+        cpu_linear(x, w, b)
 
 
-def test_build_cache_is_reused(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (library,) = cache.glob("cpu_gemv-*.so")  # one library, no temporary files left behind
-    assert [p.name for p in cache.iterdir()] == [library.name]
-    assert library == cpu_gemv.library_path()
+def test_other_machines_use_F_linear_with_one_info_line(
+    fresh: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fresh.delenv(cpu_gemv.ENV_SWITCH, raising=False)
+    fresh.setattr(cpu_gemv.platform, "machine", lambda: "aarch64")
+    x, w, b = inputs(96, 576, 2, torch.float32, bias=True)
+    with caplog.at_level(logging.DEBUG, logger=cpu_gemv.__name__):
+        for _ in range(3):
+            assert torch.equal(cpu_linear(x, w, b), F.linear(x, w, b))
+        assert cpu_gemv.active_path() == "off"
+    records = [r for r in caplog.records if r.name == cpu_gemv.__name__]
+    assert [r.levelno for r in records] == [logging.INFO]
+    assert "aarch64" in records[0].getMessage()
+
+
+def test_missing_gcc_logs_one_info_line_and_falls_back(
+    tmp_path: Path, fresh: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not cpu_gemv.is_x86_64():
+        pytest.skip("auto builds nothing on this machine")
+    fresh.setenv("RUYIFLOW_CACHE", str(tmp_path))  # empty: nothing to load
+    fresh.delenv(cpu_gemv.ENV_SWITCH, raising=False)
+    fresh.setattr(cpu_gemv.shutil, "which", lambda name: None)
+    x, w, b = inputs(96, 576, 2, torch.float32, bias=True)
+    with caplog.at_level(logging.DEBUG, logger=cpu_gemv.__name__):
+        for _ in range(3):
+            assert torch.equal(cpu_linear(x, w, b), F.linear(x, w, b))
+        assert not cpu_gemv.is_available()
+    records = [r for r in caplog.records if r.name == cpu_gemv.__name__]
+    assert [r.levelno for r in records] == [logging.INFO]
+    assert "gcc not found" in records[0].getMessage()
+
+
+def test_build_cache_is_reused(path: str, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    library = cpu_gemv.library_path(cpu_gemv.build_for(path))
+    assert library.parent == cache and library.name.startswith(f"cpu_gemv-{path}-")
+    assert not list(cache.glob("*.tmp"))  # no temporary files left behind
     mtime = library.stat().st_mtime_ns
 
     def no_compiler(*args: object, **kwargs: object) -> None:
@@ -218,5 +318,17 @@ def test_build_cache_is_reused(cache: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(subprocess, "run", no_compiler)
     cpu_gemv.reset()
-    assert cpu_gemv.is_available()
-    assert cpu_gemv.build() == library and library.stat().st_mtime_ns == mtime
+    assert cpu_gemv.active_path() == path
+    assert cpu_gemv.build(cpu_gemv.build_for(path)) == library
+    assert library.stat().st_mtime_ns == mtime
+
+
+def test_cache_names_builds_by_flags_not_by_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cache shared by machines holds one file per build; each CPU picks one its flags allow.
+    names = {cpu_gemv.library_path(b).name for b in cpu_gemv.BUILDS}
+    assert len(names) == len(cpu_gemv.BUILDS)
+    avx2 = next(b for b in cpu_gemv.BUILDS if b.path == "avx2")
+    here = cpu_gemv.library_path(avx2)
+    monkeypatch.setattr(cpu_gemv, "cpu_flags", lambda: AVX2_ONLY)
+    assert cpu_gemv.supported_paths() == ("avx2", "plain")
+    assert cpu_gemv.build_for("avx2") == avx2 and cpu_gemv.library_path(avx2) == here
