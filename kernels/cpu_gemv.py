@@ -53,9 +53,11 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(
-    Path(__file__).with_name(name)
-    for name in ("cpu_gemv.c", "cpu_gemv_avx512.c", "cpu_gemv_avx2.c", "cpu_gemv_plain.c")
+SOURCE = Path(__file__).with_name("cpu_gemv.c")  # includes the file of its instruction set:
+INCLUDED = (
+    SOURCE.with_name("cpu_gemv_avx512.c"),
+    SOURCE.with_name("cpu_gemv_avx2.c"),
+    SOURCE.with_name("cpu_gemv_plain.c"),
 )
 CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "RUYIFLOW_CPU_GEMV"
@@ -160,7 +162,7 @@ def cache_dir() -> Path:
 def library_path(build_: Build, directory: Path | None = None) -> Path:
     """The file of a build: named by its path and a hash of the sources, flags and machine."""
     h = hashlib.sha256()
-    for source in SOURCES:
+    for source in (SOURCE, *INCLUDED):
         h.update(source.read_bytes())
     h.update(" ".join((*CFLAGS, *build_.flags, platform.machine())).encode())
     return (directory or cache_dir()) / f"cpu_gemv-{build_.path}-{h.hexdigest()[:16]}.so"
@@ -179,7 +181,7 @@ def build(build_: Build, directory: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        cmd = [gcc, *CFLAGS, *build_.flags, str(SOURCES[0]), "-o", tmp]
+        cmd = [gcc, *CFLAGS, *build_.flags, str(SOURCE), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"gcc failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
