@@ -18,7 +18,8 @@ the kernel call on a small matrix); `reset()` re-reads it. `active_path()` says 
 
 One contract on every kernel path: results depend only on the values, never on M, the thread
 count or the tensors' addresses, so a row computed alone equals that row in a batch of up to 16,
-bit for bit. Paths round differently from one another (16 or 8 lanes, FMA or not). `off` gives
+bit for bit. `avx512` and `avx2` sum in the same order and agree bit for bit too (but where
+vdpbf16ps flushes a bfloat16 subnormal); `plain` (8 lanes, no FMA) rounds differently. `off` gives
 whatever `F.linear` gives: its blocking can depend on M and on the weights' alignment.
 
 Builds go to `$RUYIFLOW_CACHE` (default `~/.cache/ruyiflow/kernels/`), named by the path and a

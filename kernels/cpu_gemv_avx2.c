@@ -20,7 +20,7 @@
 
 /* Tuned on a 2-core Zen 4 (32 KiB L1d, 1 MiB L2 per core); see bench/cpu_gemv.py. L1d is 32-48
  * KiB on AVX2 CPUs (Haswell to Alder Lake P-cores, Zen 1-4). */
-#define X_L1_BYTES (16 << 10) /* x must fit here, with the weights' lines, or `in` is chunked */
+#define X_L1_BYTES (20 << 10) /* x must fit here, with the weights' lines, or `in` is chunked */
 #define PANEL_ROWS 16         /* rows sharing one chunk of x when chunked */
 #define PF_BYTES 8192         /* prefetch lead over the weight stream */
 #define PF_MIN_M 3            /* fewer rows of x: the hardware prefetchers do better alone */
@@ -65,11 +65,8 @@ static inline __m256i first_lanes(int n) { /* lanes < n all ones (n may be <= 0 
 #define XBYTES_f32 64 /* packed x bytes per row per step */
 typedef vacc wvec_f32;
 typedef vacc xvec_f32;
-#define KEEP_X_f32(v)              \
-    do {                           \
-        KEEP_IN_REGISTER((v).lo);  \
-        KEEP_IN_REGISTER((v).hi);  \
-    } while (0)
+/* One row per block uses each x vector once: let its loads fold into the FMAs. */
+#define KEEP_X_f32(v) ((void)0)
 
 static inline wvec_f32 load_w_f32(const char *p) {
     const float *f = (const float *)p;
@@ -97,8 +94,7 @@ typedef struct {
 typedef struct {
     __m256 odd_lo, even_lo, odd_hi, even_hi;
 } xvec_bf16;
-/* Four x registers would not leave room for the weights: let their loads fold into the FMAs. */
-#define KEEP_X_bf16(v) ((void)0)
+#define KEEP_X_bf16(v) ((void)0) /* as for float32 */
 
 static inline __m256 odd_bf16(__m256i pairs) {
     return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xffff0000u)));
