@@ -6,8 +6,10 @@ int8 and int4 exports against our torch engine in float32 (the baseline of each 
 the edge-CPU anchor; and the greedy-token agreement of the quantized exports with the float32 one
 over `--agreement-tokens` tokens on `--prompts` prompts of the shipped held-out set, both
 free-running (position by position: one early divergence shifts the rest) and along float32's
-greedy path (each position's argmax given the same prefix).
-Exports are cached under ~/.cache/ruyiflow/bench-edge and re-made when the model changes.
+greedy path (each position's argmax given the same prefix), with the quantized form each export
+records and the CPU features it ran on (ONNX Runtime's int8 kernels differ with and without
+AVX-512 VNNI). Exports are cached under ~/.cache/ruyiflow/bench-edge and re-made when the model
+or the quantizer's settings change.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -23,7 +26,6 @@ from ruyiflow.engine.checkpoint import embedded_gguf_path, load_model
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.ort_engine import open_export
 from ruyiflow.engine.sampling_params import SamplingParams
-
 from ruyiflow.onnx_exports import ensure_export
 
 QUANTS = ("float32", "int8", "int4")
@@ -49,16 +51,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cached_export(loaded, exit_layer: int, quant: str) -> Path:
-    """An export of `exit_layer` in `quant`, made once per model fingerprint."""
+    """An export of `exit_layer` in `quant`, made once per model fingerprint and quantizer
+    settings (an int8 export cached before int8 moved to MatMulNBits is re-made)."""
+    from ruyiflow.export.quantize import quant_details
+
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     path = cache / "ruyiflow" / "bench-edge" / f"exit-{exit_layer}-{quant}"
+    if quant != "float32" and recorded_form(path) != quant_details(quant):
+        (path / "manifest.json").unlink(missing_ok=True)  # no manifest: ensure_export re-makes
     ensure_export(loaded, exit_layer, path, quant=None if quant == "float32" else quant)
     return path
+
+
+def recorded_form(path: Path) -> dict | None:
+    """The quantization settings an export's manifest records (None: no readable manifest)."""
+    try:
+        return json.loads((path / "manifest.json").read_text())["quant_details"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def form_name(details: dict | None) -> str:
+    if not details:
+        return "unknown"
+    return (
+        f"{details['method']} {details['bits']}-bit, block {details['block_size']},"
+        f" accuracy level {details['accuracy_level']}"
+    )
+
+
+def cpu_features() -> str:
+    """The machine and the SIMD features ONNX Runtime's int8 kernels choose by, as cpuid reports
+    them to this process (numpy's dispatch table): right under `qemu-x86_64 -cpu Haswell` too,
+    whose /proc/cpuinfo shows the host's."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    names = ("AVX2", "FMA3", "AVX512F", "AVX512BW", "AVX512VNNI", "ASIMD", "ASIMDDP", "SVE")
+    return f"{platform.machine()}: {' '.join(n for n in names if features.get(n))}"
 
 
 def llama_cpp_rate(n: int, threads: int) -> float:
     """llama.cpp single-stream decode tokens/s on the shipped GGUF (prefill excluded)."""
     from llama_cpp import Llama
+
     from ruyiflow.bench.engine import PROMPT
 
     llm = Llama(
@@ -153,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
             row[f"ort_{quant}_batch4"] = decode_rate(engine, args.tokens, exit_layer, 4)
         rows.append(row)
     llama = None if args.skip_llama_cpp else llama_cpp_rate(args.tokens, args.threads)
-    agree = {}
+    agree, forms = {}, {}
     for exit_layer in [int(e) for e in args.agreement_exits.split(",") if e]:
         quantized = [q for q in quants if q != "float32"]
         if not quantized:
@@ -169,17 +206,27 @@ def run(args: argparse.Namespace) -> int:
         )
         for quant in quantized:
             path = cached_export(loaded, exit_layer, quant)
+            forms[quant] = form_name(recorded_form(path))
             engine = open_export(path, max_batch=len(prompts))
             tokens = greedy_tokens(engine, prompts, exit_layer, args.agreement_tokens)
             agree[f"{quant}@{exit_layer} free-running"] = agreement(reference, tokens)
-            branch = engine.branches[exit_layer]
+            branch = engine.runner.branches[exit_layer]  # the OnnxBranch under the engine
             forced = [forced_argmax(branch, p, r) for p, r in zip(prompts, reference, strict=True)]
             agree[f"{quant}@{exit_layer} along float32's path"] = agreement(reference, forced)
-    result = {"rows": rows, "llama_cpp_tokens_per_s": llama, "agreement": agree}
+    result = {
+        "rows": rows,
+        "llama_cpp_tokens_per_s": llama,
+        "agreement": agree,
+        "quant_forms": forms,
+        "cpu": cpu_features(),
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print_table(rows, quants, llama, agree, args)
+    for quant, form in forms.items():
+        print(f"{quant} export: {form}")
+    print(f"cpu: {result['cpu']}")
     return 0
 
 

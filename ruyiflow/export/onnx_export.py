@@ -65,7 +65,7 @@ def export_branch(
 ) -> Manifest:
     """Export branch `exit_layer` of `loaded` (an engine.checkpoint.LoadedModel) to `out_dir`.
 
-    `quant`: None (float32), 'int8' (dynamic, MatMul weights) or 'int4' (MatMulNBits, block 32).
+    `quant`: None (float32), 'int8' or 'int4' (MatMul weights as MatMulNBits, block 32).
     `max_context` caps the RoPE table (default min(max_position_embeddings, 8192)).
     `quantize_head`: quantize the output head too (it is the largest single matrix)."""
     report = progress or (lambda stage, fraction: None)
@@ -158,7 +158,7 @@ def write_model(graph: BranchGraph, out: Path, progress: Callable[[float], None]
             written += array.nbytes
             progress(written / total)
     opsets = [helper.make_opsetid("", OPSET)]
-    if any(n.domain == MS_DOMAIN for n in graph.nodes):  # MatMulNBits (int4)
+    if any(n.domain == MS_DOMAIN for n in graph.nodes):  # MatMulNBits (int8, int4)
         opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
     model = helper.make_model(
         graph.graph(initializers, "ruyiflow_branch"),

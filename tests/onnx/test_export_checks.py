@@ -15,13 +15,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
+from ruyiflow import cmd_export_onnx
 from ruyiflow.engine.checkpoint import load_model
 from ruyiflow.engine.errors import InvalidRequest, ModelLoadError, ModelMismatch
 from ruyiflow.engine.onnx.manifest import MANIFEST_FILE
 from ruyiflow.engine.onnx.runtime import OnnxBranch
 from ruyiflow.engine.tokenizer import Tokenizer
-
-from ruyiflow import cmd_export_onnx
 from ruyiflow.export.onnx_export import export_branch, write_model
 from ruyiflow.export.onnx_graph import build_branch_graph
 from tests import tiny
@@ -178,33 +178,20 @@ def test_manifest_records_identity_and_facts(smollm2, smol_dir):
 
 
 def quantized_by_onnxruntime(float_dir: Path, quant: str, out: Path) -> Path:
-    """The reference: onnxruntime.quantization's own tools on our float32 graph."""
+    """The reference: onnxruntime.quantization's own MatMulNBits quantizer on our float32 graph."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     out.mkdir()
-    if quant == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(
-            float_dir / "model.onnx",
-            out / "model.onnx",
-            op_types_to_quantize=["MatMul"],
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            use_external_data_format=True,
-            extra_options={"MatMulConstBOnly": True},
-        )
-    else:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        q = MatMulNBitsQuantizer(
-            onnx.load(str(float_dir / "model.onnx")),
-            bits=4,
-            block_size=32,
-            is_symmetric=True,
-            accuracy_level=4,
-            op_types_to_quantize=("MatMul",),
-        )
-        q.process()
-        q.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=True)
+    q = MatMulNBitsQuantizer(
+        onnx.load(str(float_dir / "model.onnx")),
+        bits={"int8": 8, "int4": 4}[quant],
+        block_size=32,
+        is_symmetric=True,
+        accuracy_level=4,
+        op_types_to_quantize=("MatMul",),
+    )
+    q.process()
+    q.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=True)
     return out / "model.onnx"
 
 

@@ -1,20 +1,24 @@
 """The embedded SmolLM2 at exit 12 through ONNX Runtime: logits, KV cache, boundary and greedy
-tokens equal the torch engine's; the exported state resumes in torch; int8/int4 agree."""
+tokens equal the torch engine's; the exported state resumes in torch; int8/int4 agree with
+float32 on whatever CPU runs the test (named in its report)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from ruyiflow.bench.edge import cpu_features
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.model import Work
 from ruyiflow.engine.onnx.runtime import OnnxBranch
 from ruyiflow.engine.sampling import SamplingParams
-
+from ruyiflow.evaluation.prompts import HELDOUT_PROMPTS, load_prompts
 from tests.onnx.util import assert_cache_equal, ort_run, torch_run
 
 IDS = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 1690, 17, 45, 99, 1000, 2000, 3000]
 TOL = dict(atol=2e-4, rtol=1e-4)
 NUM_TOKENS = 64
+AGREE_PROMPTS, AGREE_TOKENS = 4, 48  # 192 positions: one token is 0.5 % of agreement
 
 
 def test_prefill_and_decode_match_torch(smollm2, smol_dir):
@@ -79,16 +83,37 @@ def test_greedy_tokens_equal_torch_engine(smollm2, smol_dir):
     assert greedy(branch, prompt, NUM_TOKENS) == ref
 
 
-def test_int8_and_int4_agree_with_float32(smollm2, smol_dir, smol_quant_dirs):
-    """Top-1 agreement with float32 along float32's greedy path (teacher forced)."""
+def test_int8_and_int4_agree_with_float32(smollm2, smol_dir, smol_quant_dirs, record_property):
+    """Top-1 agreement with float32 along float32's greedy path (teacher forced) on the first
+    held-out prompts. int8 must keep >= 90 % on CPUs without AVX-512 VNNI too, where ONNX
+    Runtime's u8 x s8 int8 kernels saturate (the old dynamic int8 export kept 11 of these 192
+    tokens under `qemu-x86_64 -cpu Haswell`, 155 natively with VNNI); run it under qemu to check.
+    """
+    features = cpu_features()
+    record_property("cpu_features", features)
     tok = smollm2.tokenizer
-    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is rain?"}]))
-    ref = greedy(OnnxBranch.open(smol_dir, threads=1), prompt, 32)
+    prompts = [
+        tok.encode(tok.apply_chat_template(p.conversation()))
+        for p in load_prompts(HELDOUT_PROMPTS)[:AGREE_PROMPTS]
+    ]
+    f32 = OnnxBranch.open(smol_dir, threads=1)
+    refs = [greedy(f32, p, AGREE_TOKENS) for p in prompts]
+    agree = {}
     for quant, path in smol_quant_dirs.items():
         branch = OnnxBranch.open(path, threads=1, expect_fingerprint=smollm2.fingerprint)
         assert branch.quant == quant
-        got = greedy(branch, prompt, 32, forced=ref)
-        agree = sum(a == b for a, b in zip(got, ref, strict=True))
-        assert agree >= 0.5 * len(ref), (quant, agree)  # shallow exit 12: close top-2 logits
+        got = [
+            greedy(branch, p, AGREE_TOKENS, forced=r) for p, r in zip(prompts, refs, strict=True)
+        ]
+        same = sum(
+            a == b for g, r in zip(got, refs, strict=True) for a, b in zip(g, r, strict=True)
+        )
+        agree[quant] = same / (AGREE_PROMPTS * AGREE_TOKENS)
+    record_property("agreement_along_float32_path", agree)
+    print(f"exit 12 agreement along float32's path {agree} on {features}")  # shown by -rA
+    assert agree["int8"] >= 0.9, (agree, features)
+    # int4 (block 32) is the size/speed option, not the faithful one: shallow exit 12's top-2
+    # logits are often within its noise (58.9 % here, with AVX-512 VNNI and on AVX2 alike).
+    assert agree["int4"] >= 0.5, (agree, features)
     sizes = {q: (p / "model.onnx.data").stat().st_size for q, p in smol_quant_dirs.items()}
     assert sizes["int4"] < sizes["int8"] < (smol_dir / "model.onnx.data").stat().st_size
