@@ -118,10 +118,9 @@ def llama_cpp_rate(n: int, threads: int) -> float:
 
 
 def held_out_prompts(tokenizer, count: int) -> list[list[int]]:
-    from ruyiflow.evaluation.prompts import load_prompts
+    from ruyiflow.evaluation.prompts import HELDOUT_PROMPTS, load_prompts
 
-    path = Path(__file__).resolve().parents[1] / "ruyiflow" / "data" / "prompts-heldout.jsonl"
-    prompts = load_prompts(path)[:count]
+    prompts = load_prompts(HELDOUT_PROMPTS)[:count]
     return [
         tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}]))
         for p in prompts

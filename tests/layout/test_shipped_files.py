@@ -44,12 +44,7 @@ NAMED = (
 )
 # Known wrong references, keyed by "file: expression" so that a fix (which changes the
 # expression) drops the key instead of leaving a stale marker behind.
-KNOWN_BROKEN_IN_WHEEL = {
-    'bench/edge.py: Path(__file__).resolve().parents[1] / "ruyiflow" / "data" / '
-    '"prompts-heldout.jsonl"': "builds the path from the checkout's layout (bench/ beside "
-    "ruyiflow/); installed, bench is ruyiflow/bench, so this names ruyiflow/ruyiflow/data/...: "
-    "use ruyiflow.evaluation.prompts.HELDOUT_PROMPTS",
-}
+KNOWN_BROKEN_IN_WHEEL: dict[str, str] = {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def test_runtime_imports_and_runs_without_torch(tiny_export):
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np\n"
-        "from engine.onnx.runtime import OnnxBranch\n"
+        "from ruyiflow.engine.onnx.runtime import OnnxBranch\n"
         f"b = OnnxBranch.open({str(tiny_export)!r})\n"
         "lg, bd, past = b.run(np.array([[3, 4]]), np.array([[0, 1]]), np.ones((1, 2), 'int64'),"
         " b.empty_past(1))\n"
