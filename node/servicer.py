@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -22,9 +22,11 @@ from ruyiflow.cluster.wire import ENGINE_FINISH, FINISH_REASON, HANDOFF_MODE, HA
 from ruyiflow.engine.errors import InvalidRequest, NodeUnavailable
 from ruyiflow.engine.events import TokenEvent
 from ruyiflow.engine.sampling_params import SamplingParams
+from ruyiflow.engine.tokenizer import Tokenizer
+from ruyiflow.node.backend import BackendFacts, Finished, NodeBackend
 from ruyiflow.node.framing import STATE_MODES, header_for, read_state, state_parts
 from ruyiflow.node.metrics import NodeMetrics
-from ruyiflow.node.worker import EngineWorker, LocalSwitch, Parked, RequestHandle
+from ruyiflow.node.worker import LocalSwitch, Parked, RequestHandle
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
@@ -82,19 +84,25 @@ class NodeServicer(pb_grpc.NodeServicer):
     def __init__(self, identity: NodeIdentity, metrics: NodeMetrics):
         self.id = identity
         self.metrics = metrics
-        self.worker: EngineWorker | None = None
+        self.worker: NodeBackend | None = None
         self.admission = Admission(f"node {identity.name}")
         self._lock = threading.Lock()
         self._accepted: dict[str, tuple[pb.HandoffHeader, bytes, float]] = {}
 
     def attach(
         self,
-        worker: EngineWorker,
+        worker: NodeBackend,
         fingerprint: str,
         prefill_tokens_per_s: float,
         max_state_bytes: int,
+        facts: BackendFacts | Callable[[], BackendFacts] | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
-        self.engine = worker.engine
+        """`worker`: our engine thread (facts and tokenizer read from its engine) or another
+        backend (`node.backend`), which passes both (facts as a callable when they are learnt
+        while serving, as an external engine's are)."""
+        self.tokenizer = tokenizer or worker.engine.tokenizer
+        self.facts = facts or BackendFacts.of_engine(worker.engine)
         self.fingerprint = fingerprint
         self.prefill_tokens_per_s = prefill_tokens_per_s
         self.max_state_bytes = max_state_bytes
@@ -122,7 +130,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             # router's max_tokens counts only what is left, so the prefix is added to it.
             if prefix:
                 raise InvalidRequest("set prefix_token_ids or prefix_text, not both")
-            prefix = self.engine.tokenizer.encode(request.prefix_text)
+            prefix = self.tokenizer.encode(request.prefix_text)
             params = dataclasses.replace(params, max_tokens=params.max_tokens + len(prefix))
         handle = self.worker.generate(
             request.request_id,
@@ -181,6 +189,18 @@ class NodeServicer(pb_grpc.NodeServicer):
                 if isinstance(item, Exception):
                     ended = True
                     raise item
+                if isinstance(item, Finished):  # the end, after the last token
+                    outcome = item.reason
+                    chunk = pb.Chunk(
+                        request_id=handle.request_id,
+                        source=self._source(exit_layer),
+                        token_offset=offset,
+                        finish_reason=finish_reason(item.reason),
+                    )
+                    chunk.num_prompt_tokens = num_prompt_tokens if is_first else 0
+                    is_first = False
+                    yield chunk
+                    continue
                 if isinstance(item, LocalSwitch):
                     m.escalations.labels(**m.lab(kind="local", reason=item.reason)).inc()
                     exit_layer = item.to_exit
@@ -310,7 +330,10 @@ class NodeServicer(pb_grpc.NodeServicer):
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
         self._check_ready()
         running, queued, outstanding = self.worker.load()
-        c = self.engine.config
+        c = self.facts() if callable(self.facts) else self.facts
+        prefill = self.prefill_tokens_per_s
+        if c.prefill_tokens_per_s is not None:
+            prefill = c.prefill_tokens_per_s
         return pb.NodeInfo(
             name=self.id.name,
             tier=TIER.value(self.id.tier),
@@ -325,11 +348,12 @@ class NodeServicer(pb_grpc.NodeServicer):
                 hidden_size=c.hidden_size,
                 num_kv_heads=c.num_kv_heads,
                 head_dim=c.head_dim,
-                dtype_bytes=self.engine.state_dtype_bytes,
+                dtype_bytes=c.dtype_bytes,
             ),
-            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            prefill_tokens_per_s=prefill,
             backend=self.id.backend,
             draining=self.admission.is_draining,
+            confidence=c.confidence,
         )
 
     def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.DrainReply:
@@ -340,7 +364,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             raise NodeUnavailable(f"node {self.id.name} is still loading its model")
 
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
-        tok = self.engine.tokenizer
+        tok = self.tokenizer
         kind = request.WhichOneof("prompt")
         if kind == "token_ids":
             return list(request.token_ids.ids)

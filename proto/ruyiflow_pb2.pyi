@@ -421,7 +421,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "tier", "model", "model_fingerprint", "family", "exits", "capacity", "load", "shape", "prefill_tokens_per_s", "backend", "draining")
+    __slots__ = ("name", "tier", "model", "model_fingerprint", "family", "exits", "capacity", "load", "shape", "prefill_tokens_per_s", "backend", "draining", "confidence")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -434,6 +434,7 @@ class NodeInfo(_message.Message):
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     tier: Tier
     model: str
@@ -446,7 +447,8 @@ class NodeInfo(_message.Message):
     prefill_tokens_per_s: float
     backend: str
     draining: bool
-    def __init__(self, name: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., family: _Optional[str] = ..., exits: _Optional[_Iterable[int]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., shape: _Optional[_Union[ModelShape, _Mapping]] = ..., prefill_tokens_per_s: _Optional[float] = ..., backend: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
+    confidence: str
+    def __init__(self, name: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., family: _Optional[str] = ..., exits: _Optional[_Iterable[int]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., shape: _Optional[_Union[ModelShape, _Mapping]] = ..., prefill_tokens_per_s: _Optional[float] = ..., backend: _Optional[str] = ..., draining: _Optional[bool] = ..., confidence: _Optional[str] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("grace_seconds",)

@@ -1,6 +1,7 @@
 """`ruyiflow up`: start every process of a topology on this machine (router + one daemon per
-node), wait until all report healthy, optionally show a few routed queries, and stop them all
-on Ctrl-C / SIGTERM."""
+node, and first the external engines nodes name in `command:`), wait until all report healthy,
+optionally show a few routed queries, and stop them all on Ctrl-C / SIGTERM. Engines are
+restarted when they die (`ruyiflow.engine_process`); a daemon that dies stops everything."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from ruyiflow.engine_process import EngineProcess, EngineSupervisor, engine_processes
 
 DEMO_PROMPTS = (
     "What is the capital of France?",
@@ -62,15 +65,21 @@ class Cluster:
 
     def __init__(self, topology_path: str, log_dir: Path | None = None, only: tuple[str, ...] = ()):
         self.topology_path = topology_path
+        from ruyiflow.cluster.topology_yaml import load_topology
+
         self.specs = [s for s in processes(topology_path) if not only or s[0] in only]
         self.children: dict[str, subprocess.Popen] = {}
         self.log_dir = log_dir
+        engines = engine_processes(load_topology(topology_path), log_dir)
+        self.engines = EngineSupervisor([e for e in engines if not only or e.node in only])
 
     def start(self, quiet: bool = False) -> None:
         """Make missing ONNX exports (onnxruntime nodes), then start every process."""
         from ruyiflow.onnx_exports import prepare_exports
 
         prepare_exports(self.topology_path, quiet=quiet)
+        self.engines.quiet = quiet
+        self.engines.start()
         for name, argv, _ in self.specs:
             out = None
             if self.log_dir is not None:
@@ -84,7 +93,8 @@ class Cluster:
         deadline = time.monotonic() + timeout
         last = ""
         while True:
-            states = {name: health(addr) for name, _, addr in self.specs}
+            states = {e.name: engine_state(e) for e in self.engines.engines}
+            states.update({name: health(addr) for name, _, addr in self.specs})
             dead = [n for n, p in self.children.items() if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"process(es) exited during start-up: {', '.join(dead)}")
@@ -126,6 +136,14 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        self.engines.stop(grace=max(1.0, deadline - time.monotonic()))
+
+
+def engine_state(engine: EngineProcess) -> str:
+    """SERVING once an engine's /v1/models answers, else STARTING (or EXITED)."""
+    if engine.is_answering(timeout=0.5):
+        return "SERVING"
+    return "STARTING" if engine.is_alive() else "EXITED"
 
 
 def demo(router_address: str) -> None:

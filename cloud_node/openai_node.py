@@ -1,0 +1,71 @@
+"""Opening a node whose backend is an external OpenAI-compatible engine: its tokenizer (the
+node's `tokenizer`, else the model's path), the exits its model has in the topology, a
+fingerprint of what it serves, and the API key from the environment variable the topology
+names. The engine need not be up yet: the node listens NOT_SERVING until it answers."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+from ruyiflow.cloud_node.openai_backend import OpenAIBackend
+from ruyiflow.cluster.errors import TopologyError
+from ruyiflow.cluster.topology import NodeSpec, Topology
+from ruyiflow.engine.tokenizer import Tokenizer
+from ruyiflow.node.backend import OpenedBackend
+
+MAX_STATE_BYTES = 64 << 20  # enough to read a pushed hidden state and refuse it by name
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(source: str) -> Tokenizer:
+    """A tokenizer from a Hugging Face directory, a .gguf file or `smollm2` (embedded); kept,
+    since reading a GGUF's vocabulary takes seconds (several nodes in one test process)."""
+    from ruyiflow.engine.checkpoint import EMBEDDED, embedded_gguf_path
+
+    path = embedded_gguf_path() if source == EMBEDDED else Path(source).expanduser()
+    if path.is_dir():
+        return Tokenizer.from_dir(path)
+    import gguf
+
+    return Tokenizer.from_gguf(gguf.GGUFReader(str(path)))
+
+
+def engine_fingerprint(spec: NodeSpec, tokenizer: Tokenizer) -> str:
+    """Names what the engine serves: its model id and our tokenizer's vocabulary. Never equal
+    to a weights fingerprint, so the router never plans a hidden-state move into it."""
+    vocab = sorted(tokenizer.backend.get_vocab(with_added_tokens=True).items())
+    digest = hashlib.sha256(repr((spec.served_model, vocab)).encode()).hexdigest()[:16]
+    return f"openai-{digest}"
+
+
+def model_exits(topology: Topology, spec: NodeSpec) -> tuple[int, ...]:
+    """Exits of the node's model: known ones (embedded model) and all the topology serves."""
+    known = topology.model(spec.model).known_exits or ()
+    return tuple(sorted({*known, *topology.exit_tiers(spec.model)}))
+
+
+def open_openai_backend(topology: Topology, spec: NodeSpec) -> OpenedBackend:
+    api_key = None
+    if spec.api_key_env:
+        api_key = os.environ.get(spec.api_key_env)
+        if not api_key:
+            raise TopologyError(
+                f"node {spec.name!r}: environment variable {spec.api_key_env} (api_key_env) is "
+                "not set"
+            )
+    tokenizer = load_tokenizer(spec.tokenizer or topology.model(spec.model).path)
+    fingerprint = engine_fingerprint(spec, tokenizer)
+    backend = OpenAIBackend(spec, tokenizer, model_exits(topology, spec), fingerprint, api_key)
+    backend.start()
+    return OpenedBackend(
+        backend,
+        tokenizer,
+        backend.facts,
+        fingerprint,
+        0.0,
+        MAX_STATE_BYTES,
+        health=backend,
+    )

@@ -1,0 +1,131 @@
+"""External engines `ruyiflow up` runs for nodes with a `command:` (e.g. a llama.cpp server):
+start each before the nodes, tell when its `/v1/models` answers, restart it when it dies
+(with a growing pause, up to `MAX_RESTARTS` times), and stop it last. While an engine is down
+its node is NOT_SERVING and the router serves elsewhere; once it answers again, the node
+serves again."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ruyiflow.cluster.topology import Topology
+
+MAX_RESTARTS = 5
+RESTART_PAUSE_S = 1.0  # doubled after each restart
+SUPERVISE_INTERVAL_S = 0.5
+
+
+@dataclass
+class EngineProcess:
+    """One engine a node of the topology names in `command:`."""
+
+    node: str
+    argv: tuple[str, ...]
+    base_url: str
+    log_path: Path | None = None
+    proc: subprocess.Popen | None = None
+    num_restarts: int = 0
+    _next_start: float = field(default=0.0, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.node}.engine"
+
+    def start(self) -> None:
+        out = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_path, "ab")  # noqa: SIM115 (closed with the child)
+        self.proc = subprocess.Popen(
+            list(self.argv), stdout=out, stderr=subprocess.STDOUT if out else None
+        )
+
+    def is_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def is_answering(self, timeout: float = 1.0) -> bool:
+        """Its `/v1/models` answers 200 (direct connection: no proxy for a local engine)."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(self.base_url.rstrip("/") + "/models", timeout=timeout) as reply:
+                return reply.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def supervise(self) -> str | None:
+        """Restart the engine if it died (after a pause); returns a line to report, if any."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        now = time.monotonic()
+        if self.num_restarts >= MAX_RESTARTS:
+            return None
+        if self._next_start == 0.0:
+            self._next_start = now + RESTART_PAUSE_S * 2**self.num_restarts
+            return f"engine of {self.node} exited (code {self.proc.returncode}); restarting"
+        if now < self._next_start:
+            return None
+        self.num_restarts += 1
+        self._next_start = 0.0
+        self.start()
+        return f"engine of {self.node} restarted ({self.num_restarts}/{MAX_RESTARTS})"
+
+    def stop(self, grace: float) -> None:
+        if not self.is_alive():
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def engine_processes(topology: Topology, log_dir: Path | None = None) -> list[EngineProcess]:
+    """The engines of `topology`'s nodes that have a `command:`."""
+    return [
+        EngineProcess(
+            n.name,
+            n.command,
+            n.base_url or "",
+            log_dir / f"{n.name}.engine.log" if log_dir is not None else None,
+        )
+        for n in topology.nodes
+        if n.command
+    ]
+
+
+class EngineSupervisor:
+    """A thread that keeps the engines running until `stop`."""
+
+    def __init__(self, engines: list[EngineProcess], quiet: bool = False) -> None:
+        self.engines = engines
+        self.quiet = quiet
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engines", daemon=True)
+
+    def start(self) -> None:
+        for engine in self.engines:
+            engine.start()
+        if self.engines:
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SUPERVISE_INTERVAL_S):
+            for engine in self.engines:
+                line = engine.supervise()
+                if line and not self.quiet:
+                    print(f"[up] {line}", file=sys.stderr, flush=True)
+
+    def stop(self, grace: float) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for engine in self.engines:
+            engine.stop(grace)
