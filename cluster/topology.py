@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ruyiflow.cluster.calibration import Calibration
 from ruyiflow.cluster.errors import TopologyError
 from ruyiflow.cluster.escalation import EscalationSettings
 from ruyiflow.cluster.units import format_address, parse_address
@@ -213,11 +214,14 @@ class Threshold:
 
 @dataclass(frozen=True)
 class EscalationSpec:
-    """Escalate when max_prob stays under `threshold` for `window` consecutive tokens."""
+    """Escalate when max_prob stays under `threshold` for `window` consecutive tokens; with a
+    `calibration` (`ruyiflow calibrate --risk`), the confidence gate checks each request's first
+    token before anything streams (`cluster.calibration`)."""
 
     enabled: bool = True
     window: int = EscalationSettings.window
     threshold: float = EscalationSettings.threshold
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         _check(self.window >= 1, "window", "must be >= 1")
@@ -361,6 +365,14 @@ class Topology:
             _check(len(models) == 1, "router.model", "required when there are several models")
         else:
             _check(model in models, "router.model", f"unknown model {model!r}")
+        calibration = self.router.escalation.calibration
+        known = models[self.routed_model].known_exits if self.routed_model in models else None
+        for i, entry in enumerate(calibration.exits if calibration else ()):
+            _check(
+                known is None or entry.exit in known,
+                f"router.escalation.calibration.exits[{i}].exit",
+                f"model {self.routed_model!r} has no exit {entry.exit} (exits: {known})",
+            )
         for i, threshold in enumerate(self.router.thresholds):
             path = f"router.thresholds[{i}]"
             model = self.threshold_model(threshold)

@@ -8,22 +8,48 @@ scheduler records the tokens. Sequences join and leave between any two steps.
 Moving a request is written here once, over what a runner exposes: `switch_exit` (the runner
 moves the cache, or the sequence re-prefills), and `export_state` / `import_state` in the single
 wire format of `engine.handoff`.
+
+A request added with `hold_first=True` has its first token sampled but not recorded: it waits in
+`held` until the caller (a node's confidence gate) accepts it (`accept_first`, the token is
+recorded and streams) or retracts it (`retract_first`: "un-sampled", the cache rewound one
+position so the last prompt token is fed again - at another exit after `switch_exit`, or on
+another node after `export_state`). `prompt_features` pools the prompt's boundary states.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ruyiflow.engine.batch import Work
 from ruyiflow.engine.errors import HandoffError, InvalidRequest
-from ruyiflow.engine.events import Status, TokenEvent
-from ruyiflow.engine.handoff import MODES, HandoffState, ModelFacts, decode_state, encode_state
+from ruyiflow.engine.events import Confidence, Status, TokenEvent
+from ruyiflow.engine.handoff import (
+    MODES,
+    HandoffState,
+    ModelFacts,
+    RawTensor,
+    decode_state,
+    encode_state,
+)
 from ruyiflow.engine.runner import ModelRunner
 from ruyiflow.engine.sampling_params import SamplingParams
 from ruyiflow.engine.scheduler import Scheduler
 from ruyiflow.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class HeldToken:
+    """A request's first token, sampled at `exit` but not yet recorded (`hold_first`)."""
+
+    seq_id: str
+    token_id: int
+    exit: int
+    confidence: Confidence
 
 
 class Engine:
@@ -47,6 +73,8 @@ class Engine:
         self.scheduler = Scheduler(
             self.config, stop_ids, max_batch, max_context, max_step_tokens, max_waiting
         )
+        self.held: dict[str, HeldToken] = {}  # first tokens waiting for accept/retract
+        self._hold: set[str] = set()  # sequences whose next sampled token is held
 
     # -- what the serving layer reads ------------------------------------------------------------
     @property
@@ -77,7 +105,12 @@ class Engine:
         return self.scheduler.has_work()
 
     def abort(self, seq_id: str) -> None:
+        self._forget(seq_id)
         self.scheduler.abort(seq_id)
+
+    def _forget(self, seq_id: str) -> None:
+        self.held.pop(seq_id, None)
+        self._hold.discard(seq_id)
 
     # -- admission ------------------------------------------------------------------------------
     def add_request(
@@ -87,10 +120,12 @@ class Engine:
         exit_layer: int | None = None,
         seq_id: str | None = None,
         prefix_ids: list[int] | tuple[int, ...] = (),
+        hold_first: bool = False,
     ) -> str:
         """Queue a request. `prefix_ids` are tokens already generated (and streamed) elsewhere,
         e.g. before a node failed: they are prefilled with the prompt, count towards
-        `max_tokens`, and their text is not emitted again."""
+        `max_tokens`, and their text is not emitted again. `hold_first`: its first token waits
+        in `held` (module docstring); ignored with a prefix (something already streamed)."""
         params = params or SamplingParams()
         exit_layer = self.config.default_exit if exit_layer is None else exit_layer
         self.runner.check_exit(exit_layer)
@@ -103,6 +138,8 @@ class Engine:
         seq = self._new_sequence(seq_id, tokens, len(prompt_ids), exit_layer, params)
         _prime_text(seq, None)
         self.scheduler.admit(seq)
+        if hold_first and not prefix_ids:
+            self._hold.add(seq.id)
         return seq.id
 
     def _new_sequence(
@@ -129,6 +166,10 @@ class Engine:
 
     # -- one step -------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
+        if self.held:
+            raise InvalidRequest(
+                f"first tokens of {sorted(self.held)} are held: accept or retract them first"
+            )
         works, seqs = self.scheduler.schedule()
         if not works:
             return []
@@ -137,10 +178,14 @@ class Engine:
         if not rows:
             return []
         picks = self.runner.sample(rows)
-        return [
-            self.scheduler.emit(seq, token, conf)
-            for (seq, _), (token, conf) in zip(rows, picks, strict=True)
-        ]
+        events = []
+        for (seq, _), (token, conf) in zip(rows, picks, strict=True):
+            if seq.id in self._hold:  # its first token: the caller decides (accept/retract)
+                self._hold.discard(seq.id)
+                self.held[seq.id] = HeldToken(seq.id, token, seq.exit, conf)
+            else:
+                events.append(self.scheduler.emit(seq, token, conf))
+        return events
 
     def generate(
         self,
@@ -156,6 +201,44 @@ class Engine:
                     yield event
                     if event.finished:
                         return
+
+    # -- held first tokens ----------------------------------------------------------------------
+    def accept_first(self, seq_id: str) -> TokenEvent:
+        """Record a held first token: its event, as `step` would have returned it."""
+        held = self._take_held(seq_id)
+        return self.scheduler.emit(self.scheduler.get(seq_id), held.token_id, held.confidence)
+
+    def retract_first(self, seq_id: str, hold_again: bool = False) -> HeldToken:
+        """Un-sample a held first token: nothing is recorded and the cache forgets the last
+        prompt position, so the next step feeds the last prompt token again (at whatever exit
+        the sequence is then). The sequence runs from its cached prompt: `switch_exit` keeps
+        the trunk already computed, `export_state("hidden")` sends the prompt's state only.
+        `hold_again`: hold the token sampled then too (a gate at the next exit)."""
+        held = self._take_held(seq_id)
+        seq = self.scheduler.get(seq_id)
+        seq.cache.length -= 1  # positions 0..P-2 stay valid; P-1 is recomputed when fed again
+        self.scheduler.start(seq)
+        if hold_again:
+            self._hold.add(seq_id)
+        return held
+
+    def _take_held(self, seq_id: str) -> HeldToken:
+        held = self.held.pop(seq_id, None)
+        if held is None:
+            raise InvalidRequest(f"sequence {seq_id!r} has no held first token")
+        return held
+
+    def prompt_features(self, seq_id: str) -> np.ndarray:
+        """[2 * hidden] float32: the last and the mean boundary state of the prompt at the
+        sequence's exit (the input a trunk probe reads). Needs the prompt cached, e.g. while
+        its first token is held. Read through the handoff layout, so every runner gives it."""
+        seq = self.scheduler.get(seq_id)
+        num_prompt = seq.num_prompt_tokens
+        if seq.cache.length < num_prompt:
+            raise InvalidRequest(f"sequence {seq_id!r} has not cached its prompt yet")
+        raw = self.runner.state_tensors(seq.cache, seq.exit)["boundary"]
+        boundary = _float32(raw)[:num_prompt]  # [P, hidden]
+        return np.concatenate([boundary[-1], boundary.mean(axis=0)]).astype(np.float32)
 
     # -- moving between exits -------------------------------------------------------------------
     def switch_exit(self, seq_id: str, exit_layer: int) -> None:
@@ -192,13 +275,19 @@ class Engine:
         )
         data = encode_state(state)
         if release:
+            self._forget(seq_id)
             self.scheduler.release(seq)
         return data
 
     def import_state(
-        self, data: bytes, exit_layer: int | None = None, seq_id: str | None = None
+        self,
+        data: bytes,
+        exit_layer: int | None = None,
+        seq_id: str | None = None,
+        hold_first: bool = False,
     ) -> str:
-        """Resume an exported sequence here, at its exit or (hidden mode) a deeper one."""
+        """Resume an exported sequence here, at its exit or (hidden mode) a deeper one.
+        `hold_first` holds its first token when it has generated none yet."""
         state = decode_state(data, self.model_facts())
         target = state.exit if exit_layer is None else exit_layer
         self.runner.check_exit(target)
@@ -216,6 +305,8 @@ class Engine:
         if state.mode == "hidden" and not self.runner.restore_cache(seq.cache, state, target):
             seq.cache = self.runner.new_cache()  # this runner re-prefills from the tokens
         self.scheduler.admit(seq)
+        if hold_first and seq.num_generated == 0:
+            self._hold.add(seq.id)
         return seq.id
 
     def model_facts(self) -> ModelFacts:
@@ -245,6 +336,16 @@ class Engine:
             self.runner.run([Work(self.runner.new_cache(), ids, 0, exit_layer)])
             best = min(best, time.perf_counter() - started)
         return num_tokens / best
+
+
+def _float32(raw: RawTensor) -> np.ndarray:
+    """A raw F32 / F16 / BF16 tensor as float32 numpy, in its shape."""
+    if raw.dtype == "BF16":  # the high half of a float32
+        bits = np.frombuffer(raw.data, dtype="<u2").astype(np.uint32) << 16
+        values = bits.view(np.float32)
+    else:
+        values = np.frombuffer(raw.data, dtype="<f4" if raw.dtype == "F32" else "<f2")
+    return values.astype(np.float32).reshape(raw.shape)
 
 
 def _prime_text(seq: Sequence, num_emitted: int | None) -> None:

@@ -79,6 +79,14 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
 
+    def start(self, seq: Sequence) -> None:
+        """A waiting sequence whose cache holds all its tokens but the last runs from the next
+        step (as after sampling its first token)."""
+        if seq.status is Status.WAITING and seq.cache.length == len(seq.token_ids) - 1:
+            self.waiting.remove(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+
     def requeue(self, seq: Sequence) -> None:
         """Send a running sequence back to prefill (its cache was replaced), first in line."""
         if seq.status is Status.RUNNING:

@@ -23,7 +23,11 @@ COMMANDS = {
     "distill": ("ruyiflow.cmd_distill", "train exit branches by self-distillation (an overlay)"),
     "eval": ("ruyiflow.cmd_eval", "evaluate exits and routing policies (quality vs cost)"),
     "train-scorer": ("ruyiflow.cmd_train_scorer", "train the learned difficulty scorer (ONNX)"),
-    "calibrate": ("ruyiflow.cmd_calibrate", "set router/escalation thresholds for target shares"),
+    "train-probe": ("ruyiflow.cmd_train_probe", "train an exit's trunk probe for the gate (ONNX)"),
+    "calibrate": (
+        "ruyiflow.cmd_calibrate",
+        "certify the gate's thresholds for a risk bound (or thresholds for target shares)",
+    ),
 }
 
 

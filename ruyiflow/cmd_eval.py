@@ -1,14 +1,16 @@
 """`ruyiflow eval`: routing evaluation.
 
-    ruyiflow eval exits --prompts FILE --out results.jsonl [--model smollm2] [--max-tokens 48]
+    ruyiflow eval exits --prompts FILE --out results.jsonl [--features first.npz] [--model ...]
     ruyiflow eval routing --prompts FILE [--results results.jsonl] [--scorer scorer.onnx]
                           [--plot out.png] [--json]
 
 `exits` runs every prompt through every exit (greedy, chat template, batched in one engine) and
 appends one record per prompt to --out; an existing file is resumed (finished prompts are kept;
---overwrite starts again). `routing` compares routing policies on the same prompts with
-RouteLLM's metrics (ruyiflow.evaluation.metrics) and prints a table, or one JSON object per
-policy with --json.
+--overwrite starts again). `--features` also writes what the confidence gate sees at each
+shallow exit (`ruyiflow.evaluation.features`: first-token confidence, pooled boundary states;
+prefill only, so it is quick to add to finished results). `routing` compares routing policies
+on the same prompts with RouteLLM's metrics (ruyiflow.evaluation.metrics) and prints a table,
+or one JSON object per policy with --json.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     exits.add_argument("--prompts", required=True, help="prompt set (JSON Lines)")
     exits.add_argument("--out", required=True, help="results file (JSON Lines), resumed if present")
     exits.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    exits.add_argument("--features", help="also write the gate's first-token features (.npz)")
     _add_run_arguments(exits)
     routing = sub.add_parser("routing", help="compare routing policies (RouteLLM metrics)")
     routing.add_argument("--prompts", required=True, help="prompt set (JSON Lines)")
@@ -141,6 +144,22 @@ def run_exits(args: argparse.Namespace, prompts) -> int:
     engine = _load(args)
     results = _exits_to(out, engine, prompts, args.max_tokens or 48, args.overwrite)
     _print_exit_summary(results, sys.stderr)
+    if args.features:
+        from ruyiflow.evaluation.features import prompts_first_tokens
+
+        table = prompts_first_tokens(engine, prompts)
+        table.save(args.features)
+        firsts = {r.id: r for r in results}
+        differ = sum(
+            int(table.token[i, j]) != firsts[pid].exits[e].token_ids[0]
+            for i, pid in enumerate(table.ids)
+            for j, e in enumerate(table.exits)
+        )
+        print(
+            f"wrote {args.features}: {len(table.ids)} prompts x exits {list(table.exits)}; "
+            f"{differ} first tokens differ from the results' runs",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -1,10 +1,12 @@
-"""Write calibrated `router.thresholds` and `router.escalation` into topology YAML text.
+"""Write calibrated `router.thresholds`, `router.escalation` and the gate's risk calibration
+(`router.escalation.calibration`) into topology YAML text.
 
-The edit is surgical: the file is composed with marks and only the thresholds list and the
-escalation values are replaced, so every other line, comments included, stays as it was;
-comments inside the old thresholds list are lost. The result is re-parsed and must equal the
-intended topology; if it does not (an unusual layout), the whole file is re-dumped from its data,
-which loses all comments (`UpdatedText.kept_comments` says which happened).
+The edit is surgical: the file is composed with marks and only the thresholds list, the
+escalation values and the calibration block are replaced, so every other line, comments
+included, stays as it was; comments inside the old thresholds list or calibration are lost.
+The result is re-parsed and must equal the intended topology; if it does not (an unusual
+layout), the whole file is re-dumped from its data, which loses all comments
+(`UpdatedText.kept_comments` says which happened).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from ruyiflow.cluster.calibration import Calibration
 from ruyiflow.cluster.topology import EscalationSpec, Threshold, Topology
 from ruyiflow.cluster.topology_yaml import parse_topology
 from ruyiflow.engine.errors import RuyiflowError
@@ -53,26 +56,54 @@ def escalation_fields(spec: EscalationSpec) -> dict[str, object]:
     return {"enabled": spec.enabled, "window": spec.window, "threshold": spec.threshold}
 
 
+def calibration_lines(calibration: Calibration) -> list[str]:
+    """The calibration as block YAML lines (relative indentation, exits in flow style)."""
+    lines = []
+    for f in dataclasses.fields(calibration):
+        value = getattr(calibration, f.name)
+        if f.name == "exits":
+            lines.append("exits:")
+            for entry in value:
+                fields = {"exit": entry.exit, "measure": entry.measure}
+                fields["threshold"] = entry.threshold
+                if entry.probe is not None:
+                    fields["probe"] = entry.probe
+                lines.append(f"  - {flow_mapping(fields)}")
+        elif value is not None or f.default is dataclasses.MISSING:
+            lines.append(f"{f.name}: {format_scalar(value)}")
+    return lines
+
+
+def calibration_data(calibration: Calibration) -> dict[str, object]:
+    return yaml.safe_load("\n".join(calibration_lines(calibration)))
+
+
 @dataclass(frozen=True)
 class RouterUpdate:
-    """What calibration changes under `router:`; `scalars` are other plain router fields
-    (e.g. `target_cloud_share`, where the topology has that field)."""
+    """What calibration changes under `router:` (None: left as it is); `scalars` are other
+    plain router fields (e.g. `target_cloud_share`, where the topology has that field)."""
 
-    thresholds: tuple[Threshold, ...]
+    thresholds: tuple[Threshold, ...] | None
     escalation: EscalationSpec | None = None
     scalars: dict[str, object] = field(default_factory=dict)
+    calibration: Calibration | None = None
 
 
 def fragment(update: RouterUpdate) -> str:
     """The YAML fragment of the calibrated router settings (what `--write` puts in the file)."""
     lines = ["router:"]
     lines += [f"  {k}: {format_scalar(v)}" for k, v in update.scalars.items()]
-    lines.append("  thresholds:")
-    lines += [f"    - {flow_mapping(threshold_fields(t))}" for t in update.thresholds]
-    if update.escalation is not None:
+    if update.thresholds is not None:
+        lines.append("  thresholds:")
+        lines += [f"    - {flow_mapping(threshold_fields(t))}" for t in update.thresholds]
+    if update.escalation is not None or update.calibration is not None:
         lines.append("  escalation:")
+    if update.escalation is not None:
         fields = escalation_fields(update.escalation)
         lines += [f"    {k}: {format_scalar(v)}" for k, v in fields.items()]
+    if update.calibration is not None:
+        lines.append("    calibration:")
+        lines += [f"      {line}" for line in calibration_lines(update.calibration)]
     return "\n".join(lines) + "\n"
 
 
@@ -114,15 +145,18 @@ def surgical_edit(text: str, update: RouterUpdate) -> str:
     router = _key(root, "router")[1]
     thresholds_key, node = _key(router, "thresholds")
     edits: list[tuple[int, int, str]] = []  # (start, end, replacement), applied last first
-    items = [flow_mapping(threshold_fields(t)) for t in update.thresholds]
     start = node.start_mark.index
     if node.flow_style:
         end = node.end_mark.index
-        edits.append((start, end, "[" + ", ".join(items) + "]"))
     else:
         end = _end_of_content(text, node.value[-1].end_mark.index)
-        indent = "\n" + " " * node.start_mark.column
-        edits.append((start, end, indent.join(f"- {item}" for item in items)))
+    if update.thresholds is not None:
+        items = [flow_mapping(threshold_fields(t)) for t in update.thresholds]
+        if node.flow_style:
+            edits.append((start, end, "[" + ", ".join(items) + "]"))
+        else:
+            indent = "\n" + " " * node.start_mark.column
+            edits.append((start, end, indent.join(f"- {item}" for item in items)))
     after_thresholds = _end_of_line(text, end)
     router_indent = "\n" + " " * thresholds_key.start_mark.column
     for name, value in update.scalars.items():
@@ -150,18 +184,55 @@ def surgical_edit(text: str, update: RouterUpdate) -> str:
                     at = _end_of_line(text, _end_of_content(text, mapping.end_mark.index))
                     column = mapping.value[0][0].start_mark.column
                     edits.append((at, at, "\n" + " " * column + f"{name}: {format_scalar(value)}"))
+    if update.calibration is not None:
+        edits.append(_calibration_edit(text, router, router_indent, after_thresholds, update))
     for start, end, replacement in sorted(edits, key=lambda e: e[0], reverse=True):
         text = text[:start] + replacement + text[end:]
     return text
+
+
+def _calibration_edit(
+    text: str, router: yaml.MappingNode, router_indent: str, anchor: int, update: RouterUpdate
+) -> tuple[int, int, str]:
+    """Replace (or add) `calibration:` under a block-style `router.escalation`."""
+    found = _key(router, "escalation")
+    if found is None:  # a new escalation mapping holding only the calibration
+        lines = ["escalation:", "  calibration:"]
+        lines += [f"    {line}" for line in calibration_lines(update.calibration)]
+        return anchor, anchor, router_indent + router_indent.join(lines)
+    mapping = found[1]
+    if not isinstance(mapping, yaml.MappingNode) or mapping.flow_style or not mapping.value:
+        raise ValueError("escalation is not a block mapping")  # redumped instead
+    entry = _key(mapping, "calibration")
+    column = mapping.value[0][0].start_mark.column
+    if entry is None:
+        at = _end_of_line(text, _end_of_content(text, mapping.end_mark.index))
+        lines = ["calibration:"] + [f"  {line}" for line in calibration_lines(update.calibration)]
+        return at, at, "".join("\n" + " " * column + line for line in lines)
+    key, value = entry
+    body = "".join(
+        "\n" + " " * (column + 2) + line for line in calibration_lines(update.calibration)
+    )
+    if value.start_mark.line == key.start_mark.line:  # `calibration: null` or a flow mapping
+        start = text.index(":", key.end_mark.index) + 1
+        return start, value.end_mark.index, body
+    # a block mapping: keep the key's line (and any comment on it), replace what follows
+    return _end_of_line(text, key.end_mark.index), _end_of_content(text, value.end_mark.index), body
 
 
 def redumped(text: str, update: RouterUpdate) -> str:
     """`text`'s data re-dumped with the new settings (comments lost)."""
     data = yaml.safe_load(text)
     data["router"].update(update.scalars)
-    data["router"]["thresholds"] = [threshold_fields(t) for t in update.thresholds]
+    if update.thresholds is not None:
+        data["router"]["thresholds"] = [threshold_fields(t) for t in update.thresholds]
+    escalation = data["router"].get("escalation") or {}
     if update.escalation is not None:
-        data["router"]["escalation"] = escalation_fields(update.escalation)
+        escalation.update(escalation_fields(update.escalation))
+    if update.calibration is not None:
+        escalation["calibration"] = calibration_data(update.calibration)
+    if escalation:
+        data["router"]["escalation"] = escalation
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
@@ -173,9 +244,15 @@ class UpdatedText:
 
 def updated_topology(topology: Topology, update: RouterUpdate) -> Topology:
     """`topology` with the update applied (validated by the dataclasses)."""
-    router = dataclasses.replace(topology.router, thresholds=update.thresholds, **update.scalars)
-    if update.escalation is not None:
-        router = dataclasses.replace(router, escalation=update.escalation)
+    router = dataclasses.replace(topology.router, **update.scalars)
+    if update.thresholds is not None:
+        router = dataclasses.replace(router, thresholds=update.thresholds)
+    escalation = update.escalation or router.escalation
+    if update.escalation is not None and update.calibration is None:  # the old one stays
+        escalation = dataclasses.replace(escalation, calibration=router.escalation.calibration)
+    if update.calibration is not None:
+        escalation = dataclasses.replace(escalation, calibration=update.calibration)
+    router = dataclasses.replace(router, escalation=escalation)
     return dataclasses.replace(topology, router=router)
 
 

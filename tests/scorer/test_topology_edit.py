@@ -86,3 +86,37 @@ def test_router_scalars_are_replaced_or_added(tail) -> None:
     assert updated.kept_comments
     assert parse_topology(updated.text).router.grace_period_s == 7.5
     assert ("# tail comment" in updated.text) == bool(tail)
+
+
+@pytest.mark.parametrize(
+    "escalation",
+    [
+        "",
+        ESCALATION,
+        "  escalation: {window: 2}\n",
+        "  escalation:\n    window: 2\n"
+        "    calibration: {eps: 0.3, delta: 0.3, n: 1, date: x, fingerprint: old}  # old\n",
+    ],
+)
+def test_calibration_is_written_under_escalation(escalation) -> None:
+    from ruyiflow.cluster.calibration import CalibratedExit, Calibration
+
+    text = HEAD + BLOCK + escalation + TAIL
+    topology = parse_topology(text)
+    cal = Calibration(
+        0.05,
+        0.1,
+        109,
+        "2026-12-03",
+        "fp",
+        (CalibratedExit(12, "probe", None, "ab"), CalibratedExit(20, "entropy", 1.25)),
+    )
+    updated = update_topology_text(text, topology, RouterUpdate(None, calibration=cal))
+    after = parse_topology(updated.text)
+    assert after.router.escalation.calibration == cal
+    assert after.router.thresholds == topology.router.thresholds
+    assert after.router.escalation.window == topology.router.escalation.window
+    assert updated.kept_comments == ("{" not in escalation.split("\n")[0])  # flow: re-dumped
+    if updated.kept_comments:
+        assert "# head comment" in updated.text and "# tail comment" in updated.text
+    assert "calibration:" in fragment(RouterUpdate(None, calibration=cal))
