@@ -14,9 +14,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from ruyiflow.cloud_node.engine_client import EngineClient
+from ruyiflow.cloud_node.engine_client import EngineClient, EngineUnreachable
 from ruyiflow.cloud_node.token_stream import TOKEN_ID_PREFIX
-from ruyiflow.cluster.errors import InvalidRequest
+from ruyiflow.cluster.errors import InvalidRequest, RuyiflowError
 from ruyiflow.cluster.openai_types import Completion, CompletionRequest
 from ruyiflow.engine.tokenizer import Tokenizer
 
@@ -67,7 +67,9 @@ async def probe_engine(client: EngineClient, model: str, tokenizer: Tokenizer) -
     started = time.perf_counter()
     try:
         by_ids = await client.complete(ask(ids, logprobs=True))
-    except InvalidRequest as exc:
+    except EngineUnreachable:
+        raise
+    except RuyiflowError as exc:  # llama.cpp's server answers a list prompt with HTTP 500
         log.info("engine at %s takes no token-id prompts (%s)", client.where, exc)
         by_ids = None
     elapsed = time.perf_counter() - started

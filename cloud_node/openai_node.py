@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def model_exits(topology: Topology, spec: NodeSpec) -> tuple[int, ...]:
 
 
 def open_openai_backend(topology: Topology, spec: NodeSpec) -> OpenedBackend:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
     api_key = None
     if spec.api_key_env:
         api_key = os.environ.get(spec.api_key_env)

@@ -87,12 +87,24 @@ class EngineProcess:
             self.proc.wait()
 
 
+def expand_argv(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """`command:` with its placeholders filled: `{python}` is this interpreter (the one
+    ruyiflow runs in, where the `engines` extra installs llama.cpp's server) and
+    `{smollm2_gguf}` the embedded model's GGUF file."""
+    values = {"python": sys.executable}
+    if any("{smollm2_gguf}" in a for a in argv):
+        from ruyiflow.engine.checkpoint import embedded_gguf_path
+
+        values["smollm2_gguf"] = str(embedded_gguf_path())
+    return tuple(a.format(**values) if "{" in a else a for a in argv)
+
+
 def engine_processes(topology: Topology, log_dir: Path | None = None) -> list[EngineProcess]:
     """The engines of `topology`'s nodes that have a `command:`."""
     return [
         EngineProcess(
             n.name,
-            n.command,
+            expand_argv(n.command),
             n.base_url or "",
             log_dir / f"{n.name}.engine.log" if log_dir is not None else None,
         )

