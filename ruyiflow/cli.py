@@ -20,6 +20,10 @@ COMMANDS = {
     "up": ("ruyiflow.cmd_up", "start every process of a topology on this machine"),
     "query": ("ruyiflow.cmd_query", "send a prompt to the router and print the route trace"),
     "export-onnx": ("ruyiflow.cmd_export_onnx", "export a branch as ONNX for onnxruntime nodes"),
+    "convert-branch": (
+        "ruyiflow.cmd_convert_branch",
+        "write a branch as a plain HF checkpoint (for vLLM / SGLang)",
+    ),
     "distill": ("ruyiflow.cmd_distill", "train exit branches by self-distillation (an overlay)"),
     "eval": ("ruyiflow.cmd_eval", "evaluate exits and routing policies (quality vs cost)"),
     "train-scorer": ("ruyiflow.cmd_train_scorer", "train the learned difficulty scorer (ONNX)"),
