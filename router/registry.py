@@ -4,6 +4,11 @@ and `Node.Info`, and the router's own in-flight accounting per node.
 A node counts as healthy once a poll found it SERVING; `mark_failed` (a stream broke) makes it
 unhealthy until a poll *started after the failure* succeeds, so a poll already under way cannot
 undo the mark with stale news.
+
+Node addresses may be DNS names (a pod, a headless service of a node pool): the poller resolves
+them every `resolve_interval_s` and after a failure, and a changed answer gets the node a new
+channel over the addresses found (`router.node_dns`); the old one is closed later, so streams
+on it finish.
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ from ruyiflow.cluster.topology import NodeSpec, Topology
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 from ruyiflow.router.metrics import RouterMetrics
+from ruyiflow.router.node_dns import Resolver, channel_target, dns_host, resolve
 from ruyiflow.router.policy import NodeLoad
 
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL_INTERVAL_S = 0.5
 DEFAULT_RPC_TIMEOUT_S = 0.4  # shorter than the interval, so polls never pile up
+DEFAULT_RESOLVE_INTERVAL_S = 5.0
+RETIRED_CHANNEL_S = 600.0  # a replaced channel stays open this long for the streams on it
 NODE_SERVICE = service_name("Node")
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -47,6 +55,7 @@ class NodeState:
     failed_at: float = float("-inf")
     num_in_flight: int = 0  # streams this router has open on the node
     num_outstanding_tokens: int = 0  # their prompt + max_tokens budgets
+    ips: tuple[str, ...] = ()  # what the address resolved to (DNS names only)
 
 
 class NodeRegistry:
@@ -58,20 +67,60 @@ class NodeRegistry:
         metrics: RouterMetrics | None = None,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
         rpc_timeout_s: float = DEFAULT_RPC_TIMEOUT_S,
+        resolver: Resolver = resolve,
+        resolve_interval_s: float = DEFAULT_RESOLVE_INTERVAL_S,
     ) -> None:
         self.topology = topology
         self._metrics = metrics
         self._interval = poll_interval_s
         self._timeout = rpc_timeout_s
+        self._resolver = resolver
+        self._resolve_interval = resolve_interval_s
+        self._resolved_at = time.monotonic()
+        self._retired: list[tuple[grpc.Channel, float]] = []
         self._lock = threading.Condition()
         self._nodes: dict[str, NodeState] = {}
         for spec in topology.nodes:
-            channel = grpc.insecure_channel(spec.listen, options=channel_options())
-            self._nodes[spec.name] = NodeState(
-                spec, channel, pb_grpc.NodeStub(channel), health_pb2_grpc.HealthStub(channel)
-            )
+            name = dns_host(spec.listen)
+            ips = tuple(resolver(*name)) if name is not None else ()
+            channel, stub, health_stub = self._connect(spec.listen, ips)
+            self._nodes[spec.name] = NodeState(spec, channel, stub, health_stub, ips=ips)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _connect(
+        address: str, ips: tuple[str, ...]
+    ) -> tuple[grpc.Channel, pb_grpc.NodeStub, health_pb2_grpc.HealthStub]:
+        target, extra = channel_target(address, list(ips))
+        channel = grpc.insecure_channel(target, options=[*channel_options(), *extra])
+        return channel, pb_grpc.NodeStub(channel), health_pb2_grpc.HealthStub(channel)
+
+    def resolve_names(self) -> list[str]:
+        """Resolve every node named by DNS; nodes whose addresses changed get a new channel.
+        Returns their names. An empty answer keeps the old channel (DNS may be flapping)."""
+        changed, now = [], time.monotonic()
+        for name, node in list(self._nodes.items()):
+            host = dns_host(node.spec.listen)
+            ips = tuple(self._resolver(*host)) if host is not None else ()
+            if not ips or ips == node.ips:
+                continue
+            channel, stub, health_stub = self._connect(node.spec.listen, ips)
+            with self._lock:
+                self._retired.append((node.channel, now + RETIRED_CHANNEL_S))
+                node.channel, node.stub, node.health_stub, node.ips = (
+                    channel, stub, health_stub, ips,
+                )  # fmt: skip
+            log.info("node %s (%s) now at %s", name, node.spec.listen, ", ".join(ips))
+            changed.append(name)
+        with self._lock:
+            keep = [(c, t) for c, t in self._retired if t > now]
+            expired = [c for c, t in self._retired if t <= now]
+            self._retired = keep
+        for channel in expired:
+            channel.close()
+        self._resolved_at = now
+        return changed
 
     def start(self) -> NodeRegistry:
         """Poll once now, then every interval in a daemon thread."""
@@ -83,6 +132,8 @@ class NodeRegistry:
     def _run(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
+            if started - self._resolved_at >= self._resolve_interval:
+                self.resolve_names()
             self.poll_once()
             self._stop.wait(max(0.0, self._interval - (time.monotonic() - started)))
 
@@ -145,6 +196,8 @@ class NodeRegistry:
             node = self._nodes[name]
             node.is_healthy = False
             node.failed_at = time.monotonic()
+            if node.ips:  # a pod may have moved: look its name up again at the next poll
+                self._resolved_at = float("-inf")
         if self._metrics is not None:
             self._metrics.set_node_up(name, False)
 
@@ -230,3 +283,5 @@ class NodeRegistry:
             self._thread.join(timeout=5)
         for node in self._nodes.values():
             node.channel.close()
+        for channel, _ in self._retired:
+            channel.close()
