@@ -46,6 +46,7 @@ HANDOFF_REASON = EnumNames(
         "forced": pb.HANDOFF_REASON_FORCED,
         "node_failure": pb.HANDOFF_REASON_NODE_FAILURE,
         "drain": pb.HANDOFF_REASON_DRAIN,
+        "gate": pb.HANDOFF_REASON_GATE,
     },
 )
 FINISH_REASON = EnumNames(

@@ -18,6 +18,7 @@ from ruyiflow.cluster.units import format_address, parse_address
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.runner import open_runner
 from ruyiflow.node.backend import BackendFacts, OpenedBackend
+from ruyiflow.node.gate import open_gate
 from ruyiflow.node.metrics import NodeMetrics
 from ruyiflow.node.servicer import NodeIdentity, NodeServicer
 from ruyiflow.node.worker import EngineWorker
@@ -67,8 +68,10 @@ def open_engine_backend(topology: Topology, spec: NodeSpec) -> OpenedBackend:
     if spec.backend == "openai":
         raise TopologyError(f"node {spec.name!r} has backend openai: run it with `ruyiflow cloud`")
     engine = open_engine(topology, spec)
+    # refuses a calibration (or probe) made for other weights before serving anything
+    gate = open_gate(topology, spec, engine.fingerprint, tuple(engine.config.exits))
     prefill = engine.measure_prefill(max(spec.exits), WARMUP_TOKENS)
-    worker = EngineWorker(engine, tuple(spec.exits))
+    worker = EngineWorker(engine, tuple(spec.exits), gate)
     worker.start()
     return OpenedBackend(
         worker,

@@ -25,6 +25,7 @@ from ruyiflow.engine.sampling_params import SamplingParams
 from ruyiflow.engine.tokenizer import Tokenizer
 from ruyiflow.node.backend import BackendFacts, Finished, NodeBackend
 from ruyiflow.node.framing import STATE_MODES, header_for, read_state, state_parts
+from ruyiflow.node.gate import GateCheck
 from ruyiflow.node.metrics import NodeMetrics
 from ruyiflow.node.worker import LocalSwitch, Parked, RequestHandle
 from ruyiflow.proto import ruyiflow_pb2 as pb
@@ -70,6 +71,23 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
     if "no_repeat_ngram_size" in opt:
         opt["no_repeat_ngram_size"] = int(opt["no_repeat_ngram_size"])
     return SamplingParams(**opt, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids))
+
+
+def gate_check_proto(check: GateCheck) -> pb.GateCheck:
+    """The wire form of one look of the confidence gate (`node.gate`)."""
+    c = check.confidence
+    out = pb.GateCheck(
+        exit=check.exit,
+        measure=check.measure,
+        passed=check.passed,
+        to_exit=check.to_exit or 0,
+        confidence=pb.TokenConfidence(max_prob=c.max_prob, margin=c.margin, entropy=c.entropy),
+    )
+    if check.value is not None:
+        out.value = check.value
+    if check.threshold is not None:
+        out.threshold = check.threshold
+    return out
 
 
 def escalation_from_proto(e: pb.EscalationSettings) -> EscalationSettings:
@@ -173,6 +191,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         """Chunks of one request; the first carries `num_prompt_tokens` (the client's usage)."""
         m, started, last, outcome = self.metrics, time.perf_counter(), None, "error"
         ended, is_first = False, True
+        gate: list[pb.GateCheck] = []  # the gate's looks, sent on the next chunk
         m.in_flight.labels(**m.lab()).inc()
         try:
             while True:
@@ -189,6 +208,9 @@ class NodeServicer(pb_grpc.NodeServicer):
                 if isinstance(item, Exception):
                     ended = True
                     raise item
+                if isinstance(item, GateCheck):
+                    gate.append(gate_check_proto(item))
+                    continue
                 if isinstance(item, Finished):  # the end, after the last token
                     outcome = item.reason
                     chunk = pb.Chunk(
@@ -210,6 +232,8 @@ class NodeServicer(pb_grpc.NodeServicer):
                     m.handoff_bytes.labels(**m.lab(direction="out")).observe(item.state_bytes)
                     outcome = "handoff"
                     chunk = self._handoff_chunk(handle.request_id, item, offset, exit_layer)
+                    chunk.gate.extend(gate)
+                    gate.clear()
                     chunk.num_prompt_tokens = num_prompt_tokens if is_first else 0
                     is_first = False
                     yield chunk
@@ -221,6 +245,8 @@ class NodeServicer(pb_grpc.NodeServicer):
                 last = now
                 m.tokens.labels(**m.lab(exit=str(item.exit))).inc()
                 chunk = self._token_chunk(handle.request_id, item, offset)
+                chunk.gate.extend(gate)
+                gate.clear()
                 chunk.num_prompt_tokens = num_prompt_tokens if is_first else 0
                 is_first = False
                 yield chunk

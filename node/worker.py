@@ -4,7 +4,9 @@ locks; handlers submit commands and read their request's events from its own que
 
 Escalation is decided here, between two steps: a request whose confidence stays low switches
 to a deeper exit on this node when the node serves one (no transfer), otherwise it is exported
-and parked under a handle for the router to move.
+and parked under a handle for the router to move. With a calibrated gate (`node.gate`), a
+request started at a shallow exit has its first token held until the gate has looked at it:
+it streams, or it is un-sampled and moves the same two ways before any token leaves the node.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from ruyiflow.engine.events import TokenEvent
 from ruyiflow.engine.handoff import peek_metadata, to_tokens_mode
 from ruyiflow.engine.sampling_params import SamplingParams
 from ruyiflow.node.escalation import EscalationSettings, EscalationWatch
+from ruyiflow.node.gate import GATE, Gate
 
 if TYPE_CHECKING:  # over any model runner (torch, onnxruntime)
-    from ruyiflow.engine.engine import Engine
+    from ruyiflow.engine.engine import Engine, HeldToken
 
 log = logging.getLogger(__name__)
 PARK_SECONDS = 120.0
@@ -54,8 +57,8 @@ class Parked:
 
 
 class RequestHandle:
-    """A handler's view of one request: a queue of TokenEvent / LocalSwitch / Parked /
-    Exception items; None marks the end."""
+    """A handler's view of one request: a queue of TokenEvent / GateCheck / LocalSwitch /
+    Parked / Exception items; None marks the end."""
 
     def __init__(self, request_id: str, watch: EscalationWatch):
         self.request_id = request_id
@@ -68,9 +71,10 @@ class RequestHandle:
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, served_exits: tuple[int, ...]):
+    def __init__(self, engine: Engine, served_exits: tuple[int, ...], gate: Gate | None = None):
         self.engine = engine
         self.served_exits = tuple(sorted(served_exits))
+        self.gate = gate
         self._commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self._handles: dict[str, RequestHandle] = {}
         self._parked: dict[str, tuple[bytes, float]] = {}
@@ -107,10 +111,11 @@ class EngineWorker:
         self._check_served(exit_layer)
         handle = RequestHandle(request_id, EscalationWatch(escalation))
         handle.watch.generated = len(prefix_ids)
+        hold = self._gated(exit_layer, escalation) and not prefix_ids
 
         def add() -> None:
             handle.seq_id = self.engine.add_request(
-                prompt_ids, params, exit_layer, prefix_ids=prefix_ids
+                prompt_ids, params, exit_layer, prefix_ids=prefix_ids, hold_first=hold
             )
             self._handles[handle.seq_id] = handle
 
@@ -127,8 +132,10 @@ class EngineWorker:
             meta.get("num_prompt_tokens", 0)
         )
 
+        hold = self._gated(exit_layer, escalation)  # held only while nothing was generated
+
         def add() -> None:
-            handle.seq_id = self.engine.import_state(data, exit_layer=exit_layer)
+            handle.seq_id = self.engine.import_state(data, exit_layer, hold_first=hold)
             self._handles[handle.seq_id] = handle
 
         self.call(add)
@@ -142,6 +149,9 @@ class EngineWorker:
 
         if not self._stop.is_set():
             self.call(abort)
+
+    def _gated(self, exit_layer: int, escalation: EscalationSettings) -> bool:
+        return self.gate is not None and escalation.enabled and self.gate.applies(exit_layer)
 
     def _check_served(self, exit_layer: int) -> None:
         if exit_layer not in self.served_exits:
@@ -185,6 +195,8 @@ class EngineWorker:
                 continue
             try:
                 events = self.engine.step()
+                for held in list(self.engine.held.values()):
+                    self._look(held)
             except Exception as exc:  # a broken step fails its requests, not the node
                 log.exception("engine step failed")
                 self._fail_all(exc)
@@ -209,6 +221,36 @@ class EngineWorker:
             except queue.Empty:
                 return
 
+    def _look(self, held: HeldToken) -> None:
+        """The gate's decision on a held first token: stream it, or move the request on."""
+        handle = self._handles.get(held.seq_id)
+        if handle is None:  # cancelled meanwhile
+            self.engine.abort(held.seq_id)
+            return
+        check = self.gate.check(
+            held.exit, held.confidence, lambda: self.engine.prompt_features(held.seq_id)
+        )
+        handle.items.put(check)
+        if check.passed or check.to_exit is None:
+            self._dispatch(self.engine.accept_first(held.seq_id))
+            return
+        target = check.to_exit
+        again = target in self.served_exits and self.gate.applies(target)
+        self.engine.retract_first(held.seq_id, hold_again=again)  # nothing was streamed
+        self._move(handle, held.seq_id, held.exit, target, GATE)
+
+    def _move(self, handle: RequestHandle, seq_id: str, from_exit: int, target: int, reason: str):
+        """Continue at `target`: a branch switch here, else park a hidden state to hand off."""
+        if target in self.served_exits:
+            self.engine.switch_exit(seq_id, target)
+            handle.items.put(LocalSwitch(from_exit, target, reason))
+            return
+        num_tokens = len(self.engine.sequences[seq_id].token_ids)
+        data = self.engine.export_state(seq_id, "hidden")
+        self._handles.pop(seq_id, None)
+        handle.items.put(Parked(self._park(data), from_exit, target, reason, len(data), num_tokens))
+        handle.items.put(None)
+
     def _dispatch(self, event: TokenEvent) -> None:
         handle = self._handles.get(event.seq_id)
         if handle is None:
@@ -222,20 +264,8 @@ class EngineWorker:
         if reason is None:
             return
         target = handle.watch.target_exit(event.exit, self.engine.config.exits)
-        if target is None:
-            return
-        if target in self.served_exits:
-            self.engine.switch_exit(event.seq_id, target)
-            handle.items.put(LocalSwitch(event.exit, target, reason))
-            return
-        seq = self.engine.sequences[event.seq_id]
-        num_tokens = len(seq.token_ids)
-        data = self.engine.export_state(event.seq_id, "hidden")
-        self._handles.pop(event.seq_id, None)
-        handle.items.put(
-            Parked(self._park(data), event.exit, target, reason, len(data), num_tokens)
-        )
-        handle.items.put(None)
+        if target is not None:
+            self._move(handle, event.seq_id, event.exit, target, reason)
 
     def _fail_all(self, exc: Exception) -> None:
         for seq_id, handle in list(self._handles.items()):

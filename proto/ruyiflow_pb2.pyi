@@ -27,6 +27,7 @@ class HandoffReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HANDOFF_REASON_FORCED: _ClassVar[HandoffReason]
     HANDOFF_REASON_NODE_FAILURE: _ClassVar[HandoffReason]
     HANDOFF_REASON_DRAIN: _ClassVar[HandoffReason]
+    HANDOFF_REASON_GATE: _ClassVar[HandoffReason]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -56,6 +57,7 @@ HANDOFF_REASON_LOW_CONFIDENCE: HandoffReason
 HANDOFF_REASON_FORCED: HandoffReason
 HANDOFF_REASON_NODE_FAILURE: HandoffReason
 HANDOFF_REASON_DRAIN: HandoffReason
+HANDOFF_REASON_GATE: HandoffReason
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -244,22 +246,46 @@ class Timing(_message.Message):
     total_ms: float
     def __init__(self, queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
+class GateCheck(_message.Message):
+    __slots__ = ("node", "exit", "measure", "value", "threshold", "passed", "to_exit", "confidence", "skipped")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    TO_EXIT_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    exit: int
+    measure: str
+    value: float
+    threshold: float
+    passed: bool
+    to_exit: int
+    confidence: TokenConfidence
+    skipped: bool
+    def __init__(self, node: _Optional[str] = ..., exit: _Optional[int] = ..., measure: _Optional[str] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., passed: _Optional[bool] = ..., to_exit: _Optional[int] = ..., confidence: _Optional[_Union[TokenConfidence, _Mapping]] = ..., skipped: _Optional[bool] = ...) -> None: ...
+
 class RouteTrace(_message.Message):
-    __slots__ = ("spans", "handoffs", "difficulty", "timing", "num_retries")
+    __slots__ = ("spans", "handoffs", "difficulty", "timing", "num_retries", "gate")
     SPANS_FIELD_NUMBER: _ClassVar[int]
     HANDOFFS_FIELD_NUMBER: _ClassVar[int]
     DIFFICULTY_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     NUM_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     spans: _containers.RepeatedCompositeFieldContainer[RouteSpan]
     handoffs: _containers.RepeatedCompositeFieldContainer[HandoffRecord]
     difficulty: float
     timing: Timing
     num_retries: int
-    def __init__(self, spans: _Optional[_Iterable[_Union[RouteSpan, _Mapping]]] = ..., handoffs: _Optional[_Iterable[_Union[HandoffRecord, _Mapping]]] = ..., difficulty: _Optional[float] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., num_retries: _Optional[int] = ...) -> None: ...
+    gate: _containers.RepeatedCompositeFieldContainer[GateCheck]
+    def __init__(self, spans: _Optional[_Iterable[_Union[RouteSpan, _Mapping]]] = ..., handoffs: _Optional[_Iterable[_Union[HandoffRecord, _Mapping]]] = ..., difficulty: _Optional[float] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., num_retries: _Optional[int] = ..., gate: _Optional[_Iterable[_Union[GateCheck, _Mapping]]] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "confidence", "source", "token_offset", "finish_reason", "handoff", "trace", "num_prompt_tokens")
+    __slots__ = ("request_id", "text", "token_ids", "confidence", "source", "token_offset", "finish_reason", "handoff", "trace", "num_prompt_tokens", "gate")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +296,7 @@ class Chunk(_message.Message):
     HANDOFF_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -280,7 +307,8 @@ class Chunk(_message.Message):
     handoff: HandoffNeeded
     trace: RouteTrace
     num_prompt_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., confidence: _Optional[_Iterable[_Union[TokenConfidence, _Mapping]]] = ..., source: _Optional[_Union[Source, _Mapping]] = ..., token_offset: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., handoff: _Optional[_Union[HandoffNeeded, _Mapping]] = ..., trace: _Optional[_Union[RouteTrace, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
+    gate: _containers.RepeatedCompositeFieldContainer[GateCheck]
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., confidence: _Optional[_Iterable[_Union[TokenConfidence, _Mapping]]] = ..., source: _Optional[_Union[Source, _Mapping]] = ..., token_offset: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., handoff: _Optional[_Union[HandoffNeeded, _Mapping]] = ..., trace: _Optional[_Union[RouteTrace, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., gate: _Optional[_Iterable[_Union[GateCheck, _Mapping]]] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset", "num_bytes")

@@ -27,7 +27,7 @@ PREFIX = "ruyiflow_router_"
 OUTCOMES = ("ok", "invalid", "unavailable", "overloaded", "cancelled", "error")
 APIS = ("grpc", "openai")  # the router's front ends: gRPC Generate, the OpenAI HTTP API
 MODES = ("hidden", "tokens")  # a branch switch on one node is an escalation, not a handoff
-REASONS = ("low_confidence", "forced", "node_failure", "drain")
+REASONS = ("low_confidence", "forced", "node_failure", "drain", "gate")
 SCORE_BUCKETS = tuple(round(0.05 * k, 2) for k in range(1, 21))
 CLOUD_SHARE_WINDOW = 1000  # finished requests the realised cloud share is measured over
 

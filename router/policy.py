@@ -1,5 +1,8 @@
 """Routing policy, pure Python and model-free: score → (tier, exit), per-request overrides, node
-choice by health and load, escalation targets, and the handoff cost model of DESIGN.md.
+choice by health and load, escalation targets, and the handoff cost model of DESIGN.md. With a
+calibrated confidence gate (`router.escalation.calibration`), a request the thresholds send to
+an exit where nothing was certified starts at the next certified exit (else the deepest): the
+gate there would only move it on after computing its prompt.
 
 The router's request path reads: `plan = plan_route(topology, score, overrides)` →
 `node = pick_node(loads_of(plan.candidates), rng)` → stream; on a HANDOFF chunk,
@@ -48,6 +51,7 @@ class RoutePlan:
     tier: str
     exit: int
     candidates: tuple[str, ...]  # node names, topology order
+    scored_exit: int | None = None  # the thresholds' exit, when the calibration skipped it
 
 
 def threshold_for(score: float, thresholds: Sequence[Threshold]) -> Threshold:
@@ -125,8 +129,23 @@ def plan_route(
         if overrides.tier is None or overrides.tier in tiers:
             model = wanted
     tier, exit_ = choose_exit(score, thresholds, overrides, topology.exit_tiers(model))
+    scored = None
+    if overrides.exit is None:
+        start = gate_start_exit(topology, model, exit_)
+        tiers = topology.exit_tiers(model).get(start, ())
+        if start != exit_ and overrides.tier in (None, *tiers):
+            scored, exit_, tier = exit_, start, overrides.tier or tiers[0]
     names = tuple(n.name for n in topology.nodes_serving(model, exit_, tier))
-    return RoutePlan(model, tier, exit_, names)
+    return RoutePlan(model, tier, exit_, names, scored)
+
+
+def gate_start_exit(topology: Topology, model: str, exit_: int) -> int:
+    """Where a request routed to `exit_` of `model` starts under the calibrated gate (itself
+    without one): `Calibration.start_exit` over the exits the topology serves."""
+    escalation = topology.router.escalation
+    if escalation.calibration is None or not escalation.enabled or model != topology.routed_model:
+        return exit_
+    return escalation.calibration.start_exit(exit_, tuple(topology.exit_tiers(model)))
 
 
 def escalation_exit(served_exits: Sequence[int], from_exit: int, suggested: int) -> int | None:

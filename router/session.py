@@ -116,6 +116,8 @@ class RequestSession:
                 f"no healthy node serves exit {plan.exit} on tier {plan.tier} (nodes: {names})"
             ) from None
         self._ids_model = plan.model
+        if plan.scored_exit is not None:
+            self.trace.add_skipped(plan.scored_exit, plan.exit)
         return self._generate(node, plan.exit)
 
     def _generate(self, node: str, exit_: int, pending: PendingMove | None = None) -> Placement:
@@ -153,6 +155,8 @@ class RequestSession:
         try:
             for chunk in placement.call:
                 self._settle(placement)
+                if chunk.gate:
+                    self.trace.add_gate(placement.node, chunk.gate)
                 self._check_branch_switch(placement, chunk)
                 if chunk.finish_reason == pb.FINISH_REASON_HANDOFF:
                     if chunk.token_ids:
@@ -206,8 +210,10 @@ class RequestSession:
         if new_exit not in self.registry.spec(placement.node).exits:
             log.warning("%s reported exit %d it does not serve", placement.node, new_exit)
             return
+        gated = self.trace.gate_moved(placement.exit)
+        reason = pb.HANDOFF_REASON_GATE if gated else pb.HANDOFF_REASON_LOW_CONFIDENCE
         self.trace.record_branch_switch(
-            placement.node, placement.tier, placement.exit, new_exit, self.metrics
+            placement.node, placement.tier, placement.exit, new_exit, self.metrics, reason
         )
         placement.exit = new_exit
 

@@ -1,4 +1,5 @@
-"""The route trace of one request, built while it streams: spans, handoffs, timing, retries.
+"""The route trace of one request, built while it streams: spans, handoffs, the confidence
+gate's looks (why a request started or moved where it did), timing, retries.
 
 Times are `time.monotonic()` seconds; the trace reports milliseconds since the router received
 the request. `queue_ms` is the time until the first node call was placed (scoring, planning and
@@ -8,6 +9,7 @@ waiting for a node), `ttft_ms` until the first token reached the client.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ruyiflow.cluster.wire import HANDOFF_MODE, HANDOFF_REASON, TIER
@@ -46,6 +48,7 @@ class TraceBuilder:
         self.first_token_at: float | None = None
         self.spans: list[pb.RouteSpan] = []
         self.handoffs: list[pb.HandoffRecord] = []
+        self.gate: list[pb.GateCheck] = []
         self.num_retries = 0
         self.num_tokens = 0
 
@@ -124,13 +127,37 @@ class TraceBuilder:
         metrics.observe_handoff(move.from_tier, to_tier, move.mode, label, num_bytes, seconds)
 
     def record_branch_switch(
-        self, node: str, tier: str, from_exit: int, to_exit: int, metrics: RouterMetrics
+        self,
+        node: str,
+        tier: str,
+        from_exit: int,
+        to_exit: int,
+        metrics: RouterMetrics,
+        reason: int = pb.HANDOFF_REASON_LOW_CONFIDENCE,
     ) -> None:
         """A node escalated in place: a zero-byte move on one node and a new span."""
-        self.add_handoff(node, node, from_exit, to_exit)
+        self.add_handoff(node, node, from_exit, to_exit, reason=reason)
         if to_exit > from_exit:
-            metrics.observe_escalation(tier, tier, "low_confidence")
+            metrics.observe_escalation(tier, tier, reason_label(reason))
         self.open_span(node, tier, to_exit)
+
+    def add_gate(self, node: str, checks: Sequence[pb.GateCheck]) -> None:
+        """The gate's looks a node reported (`Chunk.gate`), in order."""
+        for check in checks:
+            record = pb.GateCheck()
+            record.CopyFrom(check)
+            record.node = node
+            self.gate.append(record)
+
+    def add_skipped(self, exit_: int, to_exit: int) -> None:
+        """The thresholds picked `exit_`, where nothing is certified: the request started at
+        `to_exit` without computing anything there."""
+        self.gate.append(pb.GateCheck(exit=exit_, to_exit=to_exit, skipped=True))
+
+    def gate_moved(self, from_exit: int) -> bool:
+        """Whether the last look of the gate at `from_exit` sent the request on."""
+        looks = [g for g in self.gate if g.exit == from_exit and not g.skipped]
+        return bool(looks) and not looks[-1].passed
 
     def first_served(self) -> tuple[str, int] | None:
         """(tier, exit) of the first span that produced tokens, else of the first span."""
@@ -155,4 +182,5 @@ class TraceBuilder:
                 queue_ms=ms(self.placed_at), ttft_ms=ms(self.first_token_at), total_ms=ms(now)
             ),
             num_retries=self.num_retries,
+            gate=self.gate,
         )

@@ -37,6 +37,7 @@ def trace_to_dict(trace: pb.RouteTrace) -> dict[str, Any]:
             }
             for h in trace.handoffs
         ],
+        "gate": [gate_to_dict(g) for g in trace.gate],
         "timing": {
             "queue_ms": round(trace.timing.queue_ms, 3),
             "ttft_ms": round(trace.timing.ttft_ms, 3),
@@ -44,6 +45,45 @@ def trace_to_dict(trace: pb.RouteTrace) -> dict[str, Any]:
         },
         "num_retries": trace.num_retries,
     }
+
+
+def gate_to_dict(g: pb.GateCheck) -> dict[str, Any]:
+    """One look of the confidence gate as plain JSON (absent values are null)."""
+    c = g.confidence
+    return {
+        "node": g.node,
+        "exit": g.exit,
+        "skipped": g.skipped,
+        "measure": g.measure,
+        "value": round(g.value, 6) if g.HasField("value") else None,
+        "threshold": round(g.threshold, 6) if g.HasField("threshold") else None,
+        "passed": g.passed,
+        "to_exit": g.to_exit or None,
+        "confidence": None
+        if g.skipped
+        else {
+            "max_prob": round(c.max_prob, 4),
+            "margin": round(c.margin, 4),
+            "entropy": round(c.entropy, 4),
+        },
+    }
+
+
+def format_gate(g: pb.GateCheck) -> str:
+    """One line: a skipped exit, or what the gate compared at an exit and what followed."""
+    if g.skipped:
+        return f"  gate     exit {g.exit}: no threshold certified, starts at exit {g.to_exit}"
+    first = f"first token max_prob {g.confidence.max_prob:.3f}"
+    if not g.HasField("threshold"):
+        verdict = f"{first}; no threshold certified at this exit"
+    else:
+        rule = "<=" if g.measure == "entropy" else ">="
+        verdict = (
+            f"{g.measure} {g.value:.4f} {rule} {g.threshold:.4f}? {'yes' if g.passed else 'no'}"
+        )
+    where = f"{g.node}@{g.exit}" if g.node else f"exit {g.exit}"
+    outcome = "streams from here" if g.passed else f"moves to exit {g.to_exit} before streaming"
+    return f"  gate     {where}: {verdict} -> {outcome}"
 
 
 def format_bytes(num_bytes: int) -> str:
@@ -62,6 +102,7 @@ def format_trace(trace: pb.RouteTrace) -> str:
         f"{len(trace.handoffs)} handoff(s), {trace.num_retries} retr"
         + ("y" if trace.num_retries == 1 else "ies")
     ]
+    lines.extend(format_gate(g) for g in trace.gate)
     for span in trace.spans:
         lines.append(
             f"  span     {span.node:<12} {TIER.name(span.tier):<5} exit {span.exit:<4} "
