@@ -36,6 +36,11 @@ class EngineUnreachable(NodeUnavailable):
     next health poll finds it answering."""
 
 
+class EngineBusy(EngineUnreachable):
+    """Connected, but no answer in time: down unless its streams are making progress (llama.cpp's
+    server answers /v1/models only between two requests)."""
+
+
 class EngineStreamError(NodeUnavailable):
     """The engine's stream broke the protocol or was cut (the node fails the request over)."""
 
@@ -159,6 +164,8 @@ class EngineClient:
         """Ids `/v1/models` lists (raises NodeUnavailable when the engine does not answer)."""
         try:
             response = await self._http.get("models", timeout=timeout_s)
+        except httpx.ReadTimeout:
+            raise EngineBusy(f"engine at {self.where}: /models took over {timeout_s:g} s") from None
         except httpx.HTTPError as exc:
             raise EngineUnreachable(f"engine at {self.where} unreachable: {exc!r}") from None
         if response.status_code != 200:

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ruyiflow.cloud_node.engine_client import EngineClient, EngineUnreachable
+from ruyiflow.cloud_node.engine_client import EngineBusy, EngineClient, EngineUnreachable
 from ruyiflow.cloud_node.engine_probe import LOGPROB_TOP, EngineDialect, probe_engine
 from ruyiflow.cloud_node.token_stream import Piece, TokenMapper
 from ruyiflow.cluster.errors import (
@@ -95,6 +95,7 @@ class OpenAIBackend:
         self._tasks: dict[str, asyncio.Task] = {}
         self._jobs: dict[str, _Job] = {}
         self._num_queued = 0
+        self._last_progress = float("-inf")  # monotonic time of the last chunk of any stream
         self._parked: dict[str, tuple[bytes, float]] = {}
         self._lock = threading.Lock()
 
@@ -144,9 +145,17 @@ class OpenAIBackend:
                         self.client, self.spec.served_model, self.tokenizer
                     )
                 self._set_up(True, self.dialect.describe())
+            except EngineBusy as exc:
+                if not self._is_progressing():
+                    self._set_up(False, str(exc))
             except RuyiflowError as exc:
                 self._set_up(False, str(exc))
             await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    def _is_progressing(self) -> bool:
+        """Some stream got a chunk within the read timeout: the engine is busy, not down."""
+        recent = time.monotonic() - self._last_progress < self.spec.timeout_s
+        return bool(self._jobs) and recent
 
     def facts(self) -> BackendFacts:
         """What Info reports: where confidence comes from and the prefill speed, both known
@@ -283,6 +292,7 @@ class OpenAIBackend:
     async def _stream(self, job: _Job) -> None:
         handle = job.handle
         async for chunk in self.client.stream_completion(self._request(job)):
+            self._last_progress = time.monotonic()
             if not chunk.choices:
                 continue  # a usage-only chunk
             choice = chunk.choices[0]
