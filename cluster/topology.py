@@ -25,6 +25,7 @@ from ruyiflow.cluster.calibration import Calibration
 from ruyiflow.cluster.errors import TopologyError
 from ruyiflow.cluster.escalation import EscalationSettings
 from ruyiflow.cluster.units import format_address, parse_address
+from ruyiflow.engine.device import check_device_name
 
 TIERS = ("edge", "cloud")  # shallow first: ties go to the cheaper tier
 DTYPES = ("float32", "bfloat16", "float16")
@@ -118,6 +119,7 @@ class NodeSpec:
     max_context: int = 2048
     providers: tuple[str, ...] = ()  # onnxruntime execution providers, in preference order
     onnx_dir: str | None = None  # onnxruntime: exports `exit-<E>/` (default: the user cache)
+    device: str = "cpu"  # torch: where weights, KV cache and compute live (cpu, cuda, cuda:N)
     # backend openai: an OpenAI-compatible engine (vLLM, SGLang, llama.cpp server) at `base_url`
     # serving `served_model`; its key is read from the variable `api_key_env` (never from here).
     # `tokenizer`: local tokenizer (HF dir, .gguf or `smollm2`; default: the model's path).
@@ -150,6 +152,7 @@ class NodeSpec:
                 key,
                 "only valid with backend onnxruntime",
             )
+        self._check_device()
         _check(self.timeout_s > 0 and math.isfinite(self.timeout_s), "timeout_s", "must be > 0")
         _check(self.max_concurrency >= 0, "max_concurrency", "must be >= 0 (0: max_batch)")
         if self.backend == "openai":
@@ -157,6 +160,17 @@ class NodeSpec:
         else:
             for key in ENGINE_FIELDS:
                 _check(not getattr(self, key), key, "only valid with backend openai")
+
+    def _check_device(self) -> None:
+        try:
+            check_device_name(self.device)
+        except ValueError as exc:
+            raise TopologyError(str(exc), "device") from None
+        _check(
+            self.device == "cpu" or self.backend == "torch",
+            "device",
+            "only valid with backend torch (onnxruntime picks devices with providers)",
+        )
 
     def _check_engine(self) -> None:
         _check(self.tier == "cloud", "backend", "backend openai runs on cloud nodes")
