@@ -7,9 +7,12 @@ answered INTERNAL with a short message (no traceback leaves the process). A hand
 set a status with `context.abort(...)` keeps it.
 
 Works for all four RPC shapes: unary responses are wrapped in a function, streamed responses in a
-generator, so an exception raised between two streamed messages is mapped too. grpc's own
-services (`/grpc.health.v1...`, `/grpc.reflection...`) are left untouched: health's Watch relies
-on attributes of its handler function that a wrapper would hide.
+generator, so an exception raised between two streamed messages is mapped too. Requests that do
+not decode (garbage bytes, invalid UTF-8 in a string field) are answered INVALID_ARGUMENT here
+too: the deserializer hands the handler an `Undecodable` marker instead of failing (grpc would
+answer INTERNAL "Exception deserializing request!"), and the wrapper refuses it before any work.
+grpc's own services (`/grpc.health.v1...`, `/grpc.reflection...`) are left untouched: health's
+Watch relies on attributes of its handler function that a wrapper would hide.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import grpc
 
 from ruyiflow.cluster.errors import status_code_for
-from ruyiflow.engine.errors import RuyiflowError
+from ruyiflow.engine.errors import InvalidRequest, RuyiflowError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,37 @@ class UpstreamStatus(Exception):
         super().__init__(details)
         self.code = code
         self.details = details
+
+
+class Undecodable:
+    """What a request deserializer returns for bytes that are not a valid message."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.problem = " ".join(str(exc).split())[:MAX_INTERNAL_DETAILS]
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, and anything a parser raises
+            return Undecodable(exc)
+
+    return deserialize
+
+
+def _check_decoded(request: Any) -> Any:
+    if isinstance(request, Undecodable):
+        raise InvalidRequest(f"request does not decode: {request.problem}")
+    return request
+
+
+def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        yield _check_decoded(request)
 
 
 def internal_details(exc: BaseException) -> str:
@@ -67,22 +101,29 @@ def abort_for(exc: Exception, context: grpc.ServicerContext, method: str) -> Non
     context.abort(grpc.StatusCode.INTERNAL, internal_details(exc))
 
 
-def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_unary(behavior: Callable[..., Any], method: str, is_stream: bool) -> Callable[..., Any]:
     @functools.wraps(behavior)
     def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return behavior(request, context)
+            return behavior(_check_request(request, is_stream), context)
         except Exception as exc:
             abort_for(exc, context, method)
 
     return wrapper
 
 
-def _wrap_stream(behavior: Callable[..., Iterator[Any]], method: str) -> Callable[..., Any]:
+def _check_request(request: Any, is_stream: bool) -> Any:
+    """A unary request checked now; a request stream checked as each message is read."""
+    return _checked_stream(request) if is_stream else _check_decoded(request)
+
+
+def _wrap_stream(
+    behavior: Callable[..., Iterator[Any]], method: str, is_stream: bool
+) -> Callable[..., Any]:
     @functools.wraps(behavior)
     def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            yield from behavior(request, context)
+            yield from behavior(_check_request(request, is_stream), context)
         except Exception as exc:
             abort_for(exc, context, method)
 
@@ -92,19 +133,19 @@ def _wrap_stream(behavior: Callable[..., Iterator[Any]], method: str) -> Callabl
 def wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     """`handler` with its behaviour wrapped by the exception mapping (any of the four shapes)."""
     serdes = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
-        behavior = _wrap_unary(handler.unary_unary, method)
+        behavior = _wrap_unary(handler.unary_unary, method, False)
         return grpc.unary_unary_rpc_method_handler(behavior, **serdes)
     if handler.unary_stream is not None:
-        behavior = _wrap_stream(handler.unary_stream, method)
+        behavior = _wrap_stream(handler.unary_stream, method, False)
         return grpc.unary_stream_rpc_method_handler(behavior, **serdes)
     if handler.stream_unary is not None:
-        behavior = _wrap_unary(handler.stream_unary, method)
+        behavior = _wrap_unary(handler.stream_unary, method, True)
         return grpc.stream_unary_rpc_method_handler(behavior, **serdes)
-    behavior = _wrap_stream(handler.stream_stream, method)
+    behavior = _wrap_stream(handler.stream_stream, method, True)
     return grpc.stream_stream_rpc_method_handler(behavior, **serdes)
 
 

@@ -5,7 +5,7 @@ safetensors layout; the header repeats what routing needs (mode, fingerprint, ex
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ruyiflow.cluster.wire import HANDOFF_MODE
 from ruyiflow.engine.errors import HandoffError
@@ -55,10 +55,14 @@ def state_parts(
 
 
 def read_state(
-    parts: Iterable[pb.ResumeRequest], max_bytes: int, pushed: bool = False
+    parts: Iterable[pb.ResumeRequest],
+    max_bytes: int,
+    pushed: bool = False,
+    on_header: Callable[[pb.HandoffHeader], None] | None = None,
 ) -> tuple[pb.HandoffHeader, bytes]:
     """Assemble and check a state stream. On Resume a header naming a transfer id carries no
-    bytes (they were pushed before); `pushed=True` reads such a push (AcceptState)."""
+    bytes (they were pushed before); `pushed=True` reads such a push (AcceptState).
+    `on_header` sees the checked header before any state byte is read (to reserve room)."""
     it = iter(parts)
     first = next(it, None)
     if first is None or first.WhichOneof("part") != "header":
@@ -68,6 +72,8 @@ def read_state(
         raise HandoffError("state header: mode must be HIDDEN or TOKENS")
     if header.total_bytes > max_bytes:
         raise HandoffError(f"state of {header.total_bytes} bytes exceeds the limit {max_bytes}")
+    if on_header is not None:
+        on_header(header)
     by_reference = bool(header.transfer_id) and not pushed
     buf = bytearray()
     for part in it:

@@ -9,7 +9,6 @@ naming the parked state the router will move.
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,11 +17,19 @@ import grpc
 
 from ruyiflow.cluster.escalation import EscalationSettings
 from ruyiflow.cluster.grpc_server import Admission, channel_options
+from ruyiflow.cluster.limits import (
+    MAX_NODE_PROMPT_BYTES,
+    MAX_NODE_REQUEST_BYTES,
+    check_request_size,
+    check_roles,
+    prompt_bytes,
+)
 from ruyiflow.cluster.wire import ENGINE_FINISH, FINISH_REASON, HANDOFF_MODE, HANDOFF_REASON, TIER
 from ruyiflow.engine.errors import InvalidRequest, NodeUnavailable
 from ruyiflow.engine.events import TokenEvent
 from ruyiflow.engine.sampling_params import SamplingParams
 from ruyiflow.engine.tokenizer import Tokenizer
+from ruyiflow.node.accepted import AcceptedStates
 from ruyiflow.node.backend import BackendFacts, Finished, NodeBackend
 from ruyiflow.node.framing import STATE_MODES, header_for, read_state, state_parts
 from ruyiflow.node.gate import GateCheck
@@ -31,8 +38,7 @@ from ruyiflow.node.worker import LocalSwitch, Parked, RequestHandle
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
-MAX_PROMPT_CHARS = 256 * 1024
-TRANSFER_SECONDS = 120.0
+MIN_ACCEPTED_STATES = 4
 
 
 def finish_reason(engine_reason: str | None) -> int:
@@ -104,8 +110,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.metrics = metrics
         self.worker: NodeBackend | None = None
         self.admission = Admission(f"node {identity.name}")
-        self._lock = threading.Lock()
-        self._accepted: dict[str, tuple[pb.HandoffHeader, bytes, float]] = {}
+        self.accepted: AcceptedStates | None = None
 
     def attach(
         self,
@@ -124,6 +129,12 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.fingerprint = fingerprint
         self.prefill_tokens_per_s = prefill_tokens_per_s
         self.max_state_bytes = max_state_bytes
+        # Pushed states wait here for their Resume, usually for milliseconds: room for one
+        # state per batch slot, and twice the largest state in bytes.
+        self.accepted = AcceptedStates(
+            max(MIN_ACCEPTED_STATES, self.id.max_batch), 2 * max_state_bytes
+        )
+        self.accepted.start_sweeper(also=getattr(worker, "sweep_parked", None))
         self.worker = worker  # last: its presence means ready
 
     # -- Generate / Resume --------------------------------------------------------------------
@@ -297,22 +308,25 @@ class NodeServicer(pb_grpc.NodeServicer):
     # -- moving states ----------------------------------------------------------------------------
     def AcceptState(self, request_iterator, context: grpc.ServicerContext) -> pb.AcceptStateReply:
         self._check_ready()
-        header, data = read_state(request_iterator, self.max_state_bytes, pushed=True)
-        if not header.transfer_id:
-            raise InvalidRequest("AcceptState needs a transfer_id in the header")
-        now = time.monotonic()
-        with self._lock:
-            for key in [k for k, (_, _, t) in self._accepted.items() if t < now]:
-                del self._accepted[key]
-            self._accepted[header.transfer_id] = (header, data, now + TRANSFER_SECONDS)
+        reserved: list[str] = []
+
+        def reserve(header: pb.HandoffHeader) -> None:
+            self.accepted.reserve(header.transfer_id, header.total_bytes, "")
+            reserved.append(header.transfer_id)
+
+        try:
+            header, data = read_state(
+                request_iterator, self.max_state_bytes, pushed=True, on_header=reserve
+            )
+        except BaseException:
+            for transfer_id in reserved:
+                self.accepted.release(transfer_id)
+            raise
+        self.accepted.fill(header.transfer_id, header, data)
         return pb.AcceptStateReply(transfer_id=header.transfer_id, num_bytes=len(data))
 
     def _take_accepted(self, resume: pb.HandoffHeader) -> tuple[pb.HandoffHeader, bytes]:
-        with self._lock:
-            entry = self._accepted.pop(resume.transfer_id, None)
-        if entry is None:
-            raise InvalidRequest(f"no pushed state under transfer id {resume.transfer_id!r}")
-        header, data, _ = entry
+        header, data = self.accepted.take(resume.transfer_id)
         if resume.request_id and header.request_id and resume.request_id != header.request_id:
             raise InvalidRequest("transfer belongs to another request")
         stored = pb.HandoffHeader()
@@ -390,20 +404,32 @@ class NodeServicer(pb_grpc.NodeServicer):
             raise NodeUnavailable(f"node {self.id.name} is still loading its model")
 
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        """The prompt's token ids. Sizes and roles are checked before anything is tokenized:
+        encoding holds the GIL, and every stream of this node waits while it runs."""
         tok = self.tokenizer
+        check_request_size(request, MAX_NODE_REQUEST_BYTES)
         kind = request.WhichOneof("prompt")
         if kind == "token_ids":
-            return list(request.token_ids.ids)
-        if kind == "text":
-            if len(request.text) > MAX_PROMPT_CHARS:
-                raise InvalidRequest(f"prompt over {MAX_PROMPT_CHARS} characters")
-            return tok.encode(request.text)
-        if kind == "conversation":
-            messages = [
-                {"role": m.role, "content": m.content} for m in request.conversation.messages
-            ]
-            if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
-                raise InvalidRequest(f"prompt over {MAX_PROMPT_CHARS} characters")
-            thinking = request.enable_thinking if request.HasField("enable_thinking") else None
-            return tok.encode(tok.apply_chat_template(messages, enable_thinking=thinking))
-        raise InvalidRequest("request has no prompt (conversation, text or token_ids)")
+            ids = list(request.token_ids.ids)
+        elif kind in ("text", "conversation"):
+            check_roles(request)
+            num_bytes = prompt_bytes(request) + len(request.prefix_text.encode())
+            if num_bytes > MAX_NODE_PROMPT_BYTES:
+                raise InvalidRequest(
+                    f"prompt too long: {num_bytes} bytes of text, limit {MAX_NODE_PROMPT_BYTES}"
+                )
+            if kind == "text":
+                ids = tok.encode(request.text)
+            else:
+                messages = [
+                    {"role": m.role, "content": m.content} for m in request.conversation.messages
+                ]
+                thinking = request.enable_thinking if request.HasField("enable_thinking") else None
+                ids = tok.encode(tok.apply_chat_template(messages, enable_thinking=thinking))
+        else:
+            raise InvalidRequest("request has no prompt (conversation, text or token_ids)")
+        if len(ids) > self.id.max_context:
+            raise InvalidRequest(
+                f"prompt of {len(ids)} tokens exceeds the context length {self.id.max_context}"
+            )
+        return ids

@@ -171,12 +171,19 @@ class EngineWorker:
 
     def _park(self, data: bytes) -> str:
         handle = uuid.uuid4().hex
+        self.sweep_parked()
+        with self._parked_lock:
+            self._parked[handle] = (data, time.monotonic() + PARK_SECONDS)
+        return handle
+
+    def sweep_parked(self) -> int:
+        """Drop parked states nobody moved within PARK_SECONDS; returns how many."""
         now = time.monotonic()
         with self._parked_lock:
-            for key in [k for k, (_, t) in self._parked.items() if t < now]:
+            expired = [k for k, (_, t) in self._parked.items() if t < now]
+            for key in expired:
                 del self._parked[key]
-            self._parked[handle] = (data, now + PARK_SECONDS)
-        return handle
+        return len(expired)
 
     # -- load -----------------------------------------------------------------------------------
     def load(self) -> tuple[int, int, int]:

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from ruyiflow.cluster.errors import InvalidRequest
+from ruyiflow.cluster.limits import MAX_CLIENT_REQUEST_BYTES, check_request_size, check_roles
 from ruyiflow.cluster.topology import Topology
 from ruyiflow.cluster.wire import HANDOFF_MODE, TIER
 from ruyiflow.engine.sampling_params import SamplingParams
@@ -35,7 +36,10 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate_request(request: pb.GenerateRequest) -> None:
-    """Refuse malformed client requests (prompt, size limits, sampling and escalation ranges)."""
+    """Refuse malformed client requests (prompt, size limits, sampling and escalation ranges).
+    The whole request's encoded size is checked first, so no field is looked at in a request
+    too large to serve."""
+    check_request_size(request, MAX_CLIENT_REQUEST_BYTES)
     _require(len(request.request_id) <= MAX_REQUEST_ID_CHARS, "request_id is too long")
     _require(not request.prefix_token_ids, "prefix_token_ids is for routers, not clients")
     _require(not request.prefix_text, "prefix_text is for routers, not clients")
@@ -56,8 +60,7 @@ def validate_request(request: pb.GenerateRequest) -> None:
             num_bytes <= MAX_PROMPT_BYTES,
             f"prompt too long: {num_bytes} bytes of text, limit {MAX_PROMPT_BYTES}",
         )
-        for i, message in enumerate(request.conversation.messages):
-            _require(bool(message.role), f"conversation.messages[{i}].role is empty")
+        check_roles(request)
     _validate_sampling(request.sampling)
     _validate_escalation(request.escalation)
 
