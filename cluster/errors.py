@@ -21,6 +21,8 @@ from ruyiflow.engine.errors import (  # noqa: E402
 
 __all__ = [
     "HandoffError",
+    "PermissionDenied",
+    "Unauthenticated",
     "InvalidRequest",
     "ModelLoadError",
     "ModelMismatch",
@@ -45,6 +47,15 @@ class TopologyError(ValueError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
+class Unauthenticated(RuyiflowError):
+    """The caller is not known: no client certificate, not a loopback peer, a missing or wrong
+    cluster secret or API key."""
+
+
+class PermissionDenied(RuyiflowError):
+    """The caller is known but may not do this."""
+
+
 # The one table from domain errors to gRPC status codes (subclasses inherit their base's code).
 STATUS_CODES: dict[type[RuyiflowError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -52,6 +63,8 @@ STATUS_CODES: dict[type[RuyiflowError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NodeUnavailable: grpc.StatusCode.UNAVAILABLE,
     ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

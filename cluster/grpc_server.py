@@ -128,6 +128,7 @@ class Admission:
         self._cond = threading.Condition()
         self._num_in_flight = 0
         self._is_draining = False
+        self._is_final = False  # a stopping daemon's drain, never undone
 
     @property
     def num_in_flight(self) -> int:
@@ -151,11 +152,21 @@ class Admission:
                 self._num_in_flight -= 1
                 self._cond.notify_all()
 
-    def begin_drain(self) -> int:
-        """Refuse new calls from now on; returns how many are in flight."""
+    def begin_drain(self, final: bool = True) -> int:
+        """Refuse new calls from now on; returns how many are in flight. `final=False`: an
+        operator's drain, which `end_drain` can undo."""
         with self._cond:
             self._is_draining = True
+            self._is_final = self._is_final or final
             return self._num_in_flight
+
+    def end_drain(self) -> bool:
+        """Admit calls again after an operator's drain; False if the daemon is stopping."""
+        with self._cond:
+            if self._is_final:
+                return False
+            self._is_draining = False
+            return True
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no call is in flight; False if `timeout` passed first."""

@@ -10,6 +10,7 @@ import signal
 import threading
 from collections.abc import Callable
 
+from ruyiflow.cluster.access import AccessInterceptor, node_security
 from ruyiflow.cluster.errors import TopologyError
 from ruyiflow.cluster.grpc_server import serve_grpc, service_name
 from ruyiflow.cluster.metrics_http import serve_registry
@@ -113,11 +114,13 @@ def run_node(
     identity = NodeIdentity(
         name, tier, spec.model, spec.backend, spec.max_batch, spec.max_context, tuple(spec.exits)
     )
-    servicer = NodeServicer(identity, metrics)
+    access, dialer, peers = node_security(topology, name)
+    servicer = NodeServicer(identity, metrics, access, peers, dialer)
     served = serve_grpc(
         [(pb_grpc.add_NodeServicer_to_server, servicer)],
         bind_address(spec.listen),
         [service_name("Node")],
+        interceptors=[AccessInterceptor(access)],
         field=f"nodes.{name}.listen",
     )
     log.info("%s: listening on %s, loading model %s", name, spec.listen, model_spec.path)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from ruyiflow.cluster.access import LOCAL, AccessPolicy, Caller, Dialer
+from ruyiflow.cluster.errors import PermissionDenied
 from ruyiflow.cluster.escalation import EscalationSettings
 from ruyiflow.cluster.grpc_server import Admission, channel_options
 from ruyiflow.cluster.limits import (
@@ -103,11 +105,24 @@ def escalation_from_proto(e: pb.EscalationSettings) -> EscalationSettings:
 
 
 class NodeServicer(pb_grpc.NodeServicer):
-    """Serves from the moment the port opens; answers UNAVAILABLE until `attach` (model loaded)."""
+    """Serves from the moment the port opens; answers UNAVAILABLE until `attach` (model loaded).
+    `access` authenticates callers (None: everyone is this machine's operator); `peers` maps
+    the topology's node addresses to names (the only places PushState sends to); `dialer`
+    opens those channels as this node."""
 
-    def __init__(self, identity: NodeIdentity, metrics: NodeMetrics):
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        metrics: NodeMetrics,
+        access: AccessPolicy | None = None,
+        peers: dict[str, str] | None = None,
+        dialer: Dialer | None = None,
+    ):
         self.id = identity
         self.metrics = metrics
+        self.access = access
+        self.peers = dict(peers or {})
+        self.dialer = dialer or Dialer(identity.name)
         self.worker: NodeBackend | None = None
         self.admission = Admission(f"node {identity.name}")
         self.accepted: AcceptedStates | None = None
@@ -148,6 +163,10 @@ class NodeServicer(pb_grpc.NodeServicer):
     def _generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Chunk]:
+        if (request.prefix_token_ids or request.prefix_text) and not self._caller(
+            context
+        ).is_router:
+            raise PermissionDenied("prefix_text and prefix_token_ids are for the router only")
         prompt_ids = self._prompt_ids(request)
         exit_layer = (
             request.overrides.exit if request.overrides.HasField("exit") else self.id.exits[-1]
@@ -311,7 +330,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         reserved: list[str] = []
 
         def reserve(header: pb.HandoffHeader) -> None:
-            self.accepted.reserve(header.transfer_id, header.total_bytes, "")
+            sender = self._caller(context).name
+            self.accepted.reserve(header.transfer_id, header.total_bytes, sender)
             reserved.append(header.transfer_id)
 
         try:
@@ -351,10 +371,16 @@ class NodeServicer(pb_grpc.NodeServicer):
     def PushState(
         self, request: pb.PushStateRequest, context: grpc.ServicerContext
     ) -> pb.PushStateReply:
+        peer = self.peers.get(request.destination)
+        if peer is None or peer == self.id.name:
+            raise PermissionDenied(
+                f"push destination {request.destination[:100]!r} is not another node of the "
+                "topology"
+            )
         data = self._export(request.state)
         header = header_for(data, "", request.state.to_exit, transfer_id=request.transfer_id)
         started = time.perf_counter()
-        with grpc.insecure_channel(request.destination, options=channel_options()) as channel:
+        with self.dialer.channel(request.destination, channel_options()) as channel:
             stub = pb_grpc.NodeStub(channel)
             try:
                 stub.AcceptState(state_parts(header, data), timeout=60)
@@ -397,7 +423,17 @@ class NodeServicer(pb_grpc.NodeServicer):
         )
 
     def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.DrainReply:
-        return pb.DrainReply(num_in_flight=self.admission.begin_drain())
+        """An operator's drain (or its undo); a node that is stopping stays draining."""
+        if request.undo:
+            if not self.admission.end_drain():
+                raise NodeUnavailable(f"node {self.id.name} is stopping; it cannot be undrained")
+            return pb.DrainReply(num_in_flight=self.admission.num_in_flight)
+        return pb.DrainReply(num_in_flight=self.admission.begin_drain(final=False))
+
+    def _caller(self, context: grpc.ServicerContext) -> Caller:
+        if self.access is None:
+            return Caller(LOCAL, "loopback")
+        return self.access.caller(context)
 
     def _check_ready(self) -> None:
         if self.worker is None:

@@ -479,10 +479,12 @@ class NodeInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., family: _Optional[str] = ..., exits: _Optional[_Iterable[int]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., shape: _Optional[_Union[ModelShape, _Mapping]] = ..., prefill_tokens_per_s: _Optional[float] = ..., backend: _Optional[str] = ..., draining: _Optional[bool] = ..., confidence: _Optional[str] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
-    __slots__ = ("grace_seconds",)
+    __slots__ = ("grace_seconds", "undo")
     GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UNDO_FIELD_NUMBER: _ClassVar[int]
     grace_seconds: float
-    def __init__(self, grace_seconds: _Optional[float] = ...) -> None: ...
+    undo: bool
+    def __init__(self, grace_seconds: _Optional[float] = ..., undo: _Optional[bool] = ...) -> None: ...
 
 class DrainReply(_message.Message):
     __slots__ = ("num_in_flight",)

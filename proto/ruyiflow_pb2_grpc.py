@@ -283,7 +283,8 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Drain(self, request, context):
-        """Stop admitting (new requests get UNAVAILABLE), finish in-flight ones within the grace.
+        """Stop admitting (new requests get UNAVAILABLE), finish in-flight ones within the grace;
+        with `undo`, admit again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ruyiflow.cluster.access import ROUTER, dialer_for
 from ruyiflow.cluster.grpc_server import channel_options, service_name
 from ruyiflow.cluster.topology import NodeSpec, Topology
 from ruyiflow.proto import ruyiflow_pb2 as pb
@@ -76,6 +77,7 @@ class NodeRegistry:
         self._timeout = rpc_timeout_s
         self._resolver = resolver
         self._resolve_interval = resolve_interval_s
+        self._dialer = dialer_for(topology, ROUTER)
         self._resolved_at = time.monotonic()
         self._retired: list[tuple[grpc.Channel, float]] = []
         self._lock = threading.Condition()
@@ -88,12 +90,11 @@ class NodeRegistry:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    @staticmethod
     def _connect(
-        address: str, ips: tuple[str, ...]
+        self, address: str, ips: tuple[str, ...]
     ) -> tuple[grpc.Channel, pb_grpc.NodeStub, health_pb2_grpc.HealthStub]:
         target, extra = channel_target(address, list(ips))
-        channel = grpc.insecure_channel(target, options=[*channel_options(), *extra])
+        channel = self._dialer.channel(target, [*channel_options(), *extra])
         return channel, pb_grpc.NodeStub(channel), health_pb2_grpc.HealthStub(channel)
 
     def resolve_names(self) -> list[str]:

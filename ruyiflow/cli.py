@@ -19,6 +19,7 @@ COMMANDS = {
     "router": ("ruyiflow.router.daemon", "run the router daemon"),
     "up": ("ruyiflow.cmd_up", "start every process of a topology on this machine"),
     "query": ("ruyiflow.cmd_query", "send a prompt to the router and print the route trace"),
+    "drain": ("ruyiflow.cmd_drain", "stop a node admitting new requests (--undo: admit again)"),
     "export-onnx": ("ruyiflow.cmd_export_onnx", "export a branch as ONNX for onnxruntime nodes"),
     "convert-branch": (
         "ruyiflow.cmd_convert_branch",

@@ -1,27 +1,65 @@
-"""The findings of the security issue, tried against real daemons on loopback (router, edge-0,
-cloud-0 as separate processes) by a client that is not the project's own where it matters."""
+"""The findings of the security issue, tried against real daemons (router, edge-0, cloud-0 as
+separate processes) by a client that is not the project's own where it matters.
+
+The nodes listen on this machine's non-loopback address with a cluster secret, so a call from
+here is an outsider's unless it presents the secret (loopback peers are trusted)."""
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ruyiflow.local_cluster import start_local_cluster
+from ruyiflow.cluster.access import CLUSTER_SECRET_ENV, Dialer
+from ruyiflow.local_cluster import TOPOLOGY, start_local_cluster
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
+from ruyiflow.router.client import RouterClient
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 1690]
+SECRET = "s3cret-" + uuid.uuid4().hex
+
+
+def outside_ip() -> str | None:
+    """This machine's address on its default route (no packet is sent), if not loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        ip = sock.getsockname()[0]
+    return None if ip.startswith("127.") or ip == "0.0.0.0" else ip
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = start_local_cluster(tmp_path_factory.mktemp("security"))
+    ip = outside_ip()
+    if ip is None:
+        pytest.skip("no non-loopback address to listen on")
+    template = TOPOLOGY.replace("listen: 127.0.0.1:{edge}", f"listen: {ip}:{{edge}}")
+    template = template.replace("listen: 127.0.0.1:{cloud}", f"listen: {ip}:{{cloud}}")
+    old = os.environ.get(CLUSTER_SECRET_ENV)
+    os.environ[CLUSTER_SECRET_ENV] = SECRET  # the children inherit it
+    try:
+        c = start_local_cluster(tmp_path_factory.mktemp("security"), template=template)
+    finally:
+        if old is None:
+            os.environ.pop(CLUSTER_SECRET_ENV)
+        else:
+            os.environ[CLUSTER_SECRET_ENV] = old
+    c.addr["edge"] = c.addr["edge"].replace("127.0.0.1", ip)
+    c.addr["cloud"] = c.addr["cloud"].replace("127.0.0.1", ip)
     yield c
     c.stop(grace=5)
 
@@ -31,7 +69,12 @@ def rss_bytes(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024
 
 
-def node_stub(cluster, name: str = "edge") -> pb_grpc.NodeStub:
+def node_stub(cluster, name: str = "edge", caller: str = "router") -> pb_grpc.NodeStub:
+    """A stub presenting the cluster secret as `caller`."""
+    return pb_grpc.NodeStub(Dialer(caller, SECRET.encode()).channel(cluster.addr[name]))
+
+
+def outsider_stub(cluster, name: str = "edge") -> pb_grpc.NodeStub:
     return pb_grpc.NodeStub(grpc.insecure_channel(cluster.addr[name]))
 
 
@@ -72,8 +115,6 @@ def _push(stub, transfer_id: str, total_bytes: int, data: bytes | None, hold: th
         if data is None:
             hold.wait(30)
             return
-        import zlib
-
         yield pb.ResumeRequest(data=pb.StateBytes(offset=0, data=data))
         yield pb.ResumeRequest(end=pb.StateEnd(total_bytes=len(data), crc32=zlib.crc32(data)))
 
@@ -81,7 +122,7 @@ def _push(stub, transfer_id: str, total_bytes: int, data: bytes | None, hold: th
 
 
 def test_accept_state_is_bounded_by_bytes_and_count(cluster):
-    stub = node_stub(cluster)
+    stub = node_stub(cluster, caller="cloud-0")  # a peer node pushes states
     pid = cluster.children["edge-0"].pid
     rss_before = rss_bytes(pid)
     with pytest.raises(grpc.RpcError) as err:
@@ -108,3 +149,101 @@ def test_accept_state_is_bounded_by_bytes_and_count(cluster):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert rss_bytes(pid) - rss_before < 64 << 20
     assert len(generate(stub)) == 4  # still serving
+
+
+def test_outsiders_get_unauthenticated_from_every_node_method(cluster):
+    state = pb.StateRef(state_handle="x", mode=pb.HANDOFF_MODE_HIDDEN)
+    calls = {
+        "Generate": lambda s: list(s.Generate(pb.GenerateRequest(text="hi"), timeout=5)),
+        "Info": lambda s: s.Info(pb.InfoRequest(), timeout=5),
+        "Drain": lambda s: s.Drain(pb.DrainRequest(), timeout=5),
+        "FetchState": lambda s: list(s.FetchState(state, timeout=5)),
+        "PushState": lambda s: s.PushState(pb.PushStateRequest(state=state), timeout=5),
+        "AcceptState": lambda s: s.AcceptState(iter([pb.ResumeRequest()]), timeout=5),
+        "Resume": lambda s: list(s.Resume(iter([pb.ResumeRequest()]), timeout=5)),
+    }
+    wrong = pb_grpc.NodeStub(Dialer("router", b"wrong-secret").channel(cluster.addr["cloud"]))
+    for stub in (outsider_stub(cluster, "edge"), outsider_stub(cluster, "cloud"), wrong):
+        for method, call in calls.items():
+            with pytest.raises(grpc.RpcError) as err:
+                call(stub)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+    with grpc.insecure_channel(cluster.addr["edge"]) as channel:  # health stays open
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as err:  # a member name the topology lacks
+        node_stub(cluster, caller="mallory").Info(pb.InfoRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_router_moves_requests_between_nodes_with_the_secret(cluster):
+    with RouterClient(cluster.addr["router"], timeout=120) as client:
+        done = client.complete(
+            "Hi there!",
+            max_tokens=8,
+            exit=12,
+            escalation={"force_after_tokens": 3, "force_to_exit": 20},
+        )
+    assert len(done.token_ids) == 8
+    assert [h.to_exit for h in done.trace.handoffs] == [20]  # pushed edge-0 -> cloud-0
+
+
+def test_prefix_only_from_the_router(cluster):
+    request = pb.GenerateRequest(
+        request_id="p",
+        token_ids=pb.TokenIds(ids=PROMPT),
+        prefix_token_ids=[28, 1690],
+        sampling=pb.SamplingParams(max_tokens=4),
+        overrides=pb.Overrides(exit=12),
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        list(node_stub(cluster, caller="cloud-0").Generate(request, timeout=30))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    chunks = list(node_stub(cluster, caller="router").Generate(request, timeout=60))
+    assert chunks[0].token_offset == 2
+
+
+def test_push_goes_only_to_topology_nodes(cluster):
+    with socket.socket() as trap:  # a port nobody should be made to dial
+        trap.bind(("127.0.0.1", 0))
+        trap.listen(1)
+        trap.settimeout(1.0)
+        request = pb.PushStateRequest(
+            state=pb.StateRef(state_handle="x", mode=pb.HANDOFF_MODE_HIDDEN),
+            destination=f"127.0.0.1:{trap.getsockname()[1]}",
+            transfer_id="t",
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            node_stub(cluster).PushState(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(TimeoutError):
+            trap.accept()
+    with pytest.raises(grpc.RpcError) as err:  # moving states is the router's
+        node_stub(cluster, caller="cloud-0").PushState(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def drain_cli(cluster, *args: str, secret: str | None = SECRET) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != CLUSTER_SECRET_ENV}
+    if secret is not None:
+        env[CLUSTER_SECRET_ENV] = secret
+    argv = [sys.executable, "-m", "ruyiflow", "drain", "--topology", cluster.topology, *args]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_drain_and_undo_from_the_cli(cluster):
+    refused = drain_cli(cluster, "edge-0", secret=None)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    stub = node_stub(cluster)
+    done = drain_cli(cluster, "edge-0")
+    assert done.returncode == 0, done.stderr
+    try:
+        assert stub.Info(pb.InfoRequest(), timeout=5).draining
+        with pytest.raises(grpc.RpcError) as err:
+            generate(stub)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        undone = drain_cli(cluster, "edge-0", "--undo")
+    assert undone.returncode == 0, undone.stderr
+    assert not stub.Info(pb.InfoRequest(), timeout=5).draining
+    assert len(generate(stub)) == 4
