@@ -164,27 +164,30 @@ def _checked(behavior: Callable[..., Any], check: Callable[[Any], object]) -> Ca
     return wrapper
 
 
-class AccessInterceptor(grpc.ServerInterceptor):
-    """Runs `policy.check` before every Node method (health and reflection stay open)."""
+class MethodGuard(grpc.ServerInterceptor):
+    """Runs `check(method_short_name, context)` before every method of the service whose
+    methods start with `prefix`; other services (health, reflection) stay open. `check`
+    raises a domain error (Unauthenticated, PermissionDenied) to refuse."""
 
-    def __init__(self, policy: AccessPolicy) -> None:
-        self.policy = policy
+    def __init__(self, prefix: str, check: Callable[[str, grpc.ServicerContext], object]) -> None:
+        self.prefix = prefix
+        self._check = check
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(NODE_SERVICE_PREFIX):
+        if handler is None or not method.startswith(self.prefix):
             return handler
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
-            cached = (handler, self._wrap(handler, method[len(NODE_SERVICE_PREFIX) :]))
+            cached = (handler, self._wrap(handler, method[len(self.prefix) :]))
             self._wrapped[method] = cached
         return cached[1]
 
     def _wrap(self, handler: grpc.RpcMethodHandler, name: str) -> grpc.RpcMethodHandler:
         def check(context: grpc.ServicerContext) -> None:
-            self.policy.check(name, context)
+            self._check(name, context)
 
         serdes = {
             "request_deserializer": handler.request_deserializer,
@@ -200,6 +203,11 @@ class AccessInterceptor(grpc.ServerInterceptor):
             if behavior is not None:
                 return make(_checked(behavior, check), **serdes)
         return handler
+
+
+def AccessInterceptor(policy: AccessPolicy) -> MethodGuard:  # noqa: N802 (reads as a class)
+    """The guard of the Node service: `policy.check` before every Node method."""
+    return MethodGuard(NODE_SERVICE_PREFIX, policy.check)
 
 
 class _CallerMetadata(

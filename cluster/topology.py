@@ -271,6 +271,8 @@ class RouterSpec:
     handoff: HandoffPolicy = HandoffPolicy()
     grace_period_s: float = 10.0
     target_cloud_share: float | None = None  # what `ruyiflow calibrate` aimed at (exported)
+    # Client API keys: the variable holding them (comma-separated); None: no key is asked for.
+    api_keys_env: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("listen", "metrics", "http")[: 3 if self.http else 2]:
@@ -301,6 +303,11 @@ class RouterSpec:
                     "harder scores must not map to shallower exits of the same model",
                 )
         _check(self.grace_period_s >= 0, "grace_period_s", "must be >= 0")
+        _check(
+            self.api_keys_env is None or bool(_ENV_NAME.fullmatch(self.api_keys_env)),
+            "api_keys_env",
+            "must name an environment variable",
+        )
         _check(
             self.target_cloud_share is None or 0.0 <= self.target_cloud_share <= 1.0,
             "target_cloud_share",

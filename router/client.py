@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from ruyiflow.cluster.api_keys import client_key, key_metadata
 from ruyiflow.cluster.grpc_server import channel_options
 from ruyiflow.cluster.wire import FINISH_REASON, HANDOFF_MODE, TIER
 from ruyiflow.proto import ruyiflow_pb2 as pb
@@ -116,11 +117,15 @@ def build_request(
 
 
 class RouterClient:
-    """Talks to a router at `address`; `timeout` (seconds) bounds each call when given."""
+    """Talks to a router at `address`; `timeout` (seconds) bounds each call when given.
+    `api_key` (default: $RUYIFLOW_API_KEY) is sent as `authorization: Bearer ...`."""
 
-    def __init__(self, address: str, timeout: float | None = None) -> None:
+    def __init__(
+        self, address: str, timeout: float | None = None, api_key: str | None = None
+    ) -> None:
         self.address = address
         self.timeout = timeout
+        self._metadata = key_metadata(client_key(api_key))
         self._channel = grpc.insecure_channel(address, options=channel_options())
         self._stub = pb_grpc.RouterStub(self._channel)
 
@@ -129,7 +134,7 @@ class RouterClient:
         is text or chat messages; `options` (token_ids, max_tokens, exit, tier, ...) are
         `build_request`'s."""
         request = build_request(prompt, **options)
-        call = self._stub.Generate(request, timeout=self.timeout)
+        call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
         try:
             yield from call
         finally:
@@ -164,10 +169,14 @@ class RouterClient:
 
     def route(self, prompt: Prompt = None, **kwargs: Any) -> pb.RouteReply:
         """Where the router would send this request now (nothing is generated)."""
-        return self._stub.Route(build_request(prompt, **kwargs), timeout=self.timeout)
+        request = build_request(prompt, **kwargs)
+        return self._stub.Route(request, timeout=self.timeout, metadata=self._metadata)
 
     def list_nodes(self) -> list[pb.NodeStatus]:
-        return list(self._stub.ListNodes(pb.ListNodesRequest(), timeout=self.timeout).nodes)
+        reply = self._stub.ListNodes(
+            pb.ListNodesRequest(), timeout=self.timeout, metadata=self._metadata
+        )
+        return list(reply.nodes)
 
     def close(self) -> None:
         self._channel.close()

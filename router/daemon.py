@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ruyiflow.cluster.api_keys import ApiKeys, api_key_guard
 from ruyiflow.cluster.errors import TopologyError
 from ruyiflow.cluster.grpc_server import (
     DEFAULT_MAX_WORKERS,
@@ -72,6 +73,7 @@ class RouterDaemon:
         self._metrics_address = metrics_address or topology.router.metrics
         self._http_address = topology.router.http if http_address is None else http_address
         self._serve_metrics = serve_metrics
+        self.api_keys = ApiKeys.from_env(topology.router.api_keys_env)
         self.server: GrpcServer | None = None
         self.metrics_server: MetricsServer | None = None
         self.http_server: HttpServer | None = None
@@ -80,8 +82,13 @@ class RouterDaemon:
 
     def start(self) -> RouterDaemon:
         adders = [(pb_grpc.add_RouterServicer_to_server, self.servicer)]
+        guards = [api_key_guard(self.api_keys)] if self.api_keys is not None else []
         self.server = serve_grpc(
-            adders, self._listen, [service_name("Router")], field="router.listen"
+            adders,
+            self._listen,
+            [service_name("Router")],
+            interceptors=guards,
+            field="router.listen",
         )
         self.registry.start()
         try:
@@ -114,7 +121,7 @@ class RouterDaemon:
 
         # One thread per open request, as the gRPC server holds one per open stream.
         self._http_executor = ThreadPoolExecutor(DEFAULT_MAX_WORKERS, thread_name_prefix="openai")
-        app = build_app(self.servicer, self._http_executor)
+        app = build_app(self.servicer, self._http_executor, self.api_keys)
         return HttpServer(app, address, grace_s=STOP_GRACE_S).start()
 
     @property

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ruyiflow.cluster.api_keys import ApiKeys
 from ruyiflow.cluster.openai_types import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -167,19 +168,33 @@ async def _events(
         stream.cancel()
 
 
-def build_app(servicer: RouterServicer, executor: Executor) -> Starlette:
-    """The ASGI app of the router's OpenAI-compatible API."""
+def build_app(
+    servicer: RouterServicer, executor: Executor, api_keys: ApiKeys | None = None
+) -> Starlette:
+    """The ASGI app of the router's OpenAI-compatible API; with `api_keys`, every `/v1/` route
+    asks for `Authorization: Bearer <key>` (401 otherwise) before reading the body."""
     front = OpenAIFrontEnd(servicer, executor)
     version = {"version": metadata.version("ruyiflow"), "api": "openai", "grpc": "ruyiflow.v1"}
 
+    def refused(request: Request) -> Response | None:
+        if api_keys is None:
+            return None
+        try:
+            api_keys.check_header(request.headers.get("authorization"))
+        except Exception as exc:
+            response = _error(exc)
+            response.headers["www-authenticate"] = "Bearer"
+            return response
+        return None
+
     async def chat_completions(request: Request) -> Response:
-        return await front.complete(request, "chat")
+        return refused(request) or await front.complete(request, "chat")
 
     async def completions(request: Request) -> Response:
-        return await front.complete(request, "completion")
+        return refused(request) or await front.complete(request, "completion")
 
     async def models(request: Request) -> Response:
-        return Response(front.models().model_dump_json(), media_type=JSON)
+        return refused(request) or Response(front.models().model_dump_json(), media_type=JSON)
 
     async def health(request: Request) -> Response:
         return front.health()

@@ -112,15 +112,21 @@ class Cluster:
         """The router has polled every node healthy (its registry lags process health)."""
         import grpc
 
+        from ruyiflow.cluster.api_keys import client_key, key_metadata
+        from ruyiflow.cluster.topology_yaml import load_topology
         from ruyiflow.proto import ruyiflow_pb2 as pb
         from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
         router = [addr for name, _, addr in self.specs if name == "router"]
         if not router:
             return True
+        keys_env = load_topology(self.topology_path).router.api_keys_env
+        metadata = key_metadata(client_key(None, keys_env))
         with grpc.insecure_channel(router[0]) as channel:
             try:
-                reply = pb_grpc.RouterStub(channel).ListNodes(pb.ListNodesRequest(), timeout=2)
+                reply = pb_grpc.RouterStub(channel).ListNodes(
+                    pb.ListNodesRequest(), timeout=2, metadata=metadata
+                )
             except grpc.RpcError:
                 return False
         return all(n.healthy for n in reply.nodes)
@@ -146,7 +152,7 @@ def engine_state(engine: EngineProcess) -> str:
     return "STARTING" if engine.is_alive() else "EXITED"
 
 
-def demo(router_address: str) -> None:
+def demo(router_address: str, api_key: str | None = None) -> None:
     from ruyiflow.router.client import RouterClient, format_trace
 
     print(
@@ -154,7 +160,7 @@ def demo(router_address: str) -> None:
         "followed by its route (difficulty score, then the node, tier and exit of each span)",
         flush=True,
     )
-    with RouterClient(router_address) as client:
+    with RouterClient(router_address, api_key=api_key) as client:
         for prompt in DEMO_PROMPTS:
             print(f"\n>>> {prompt}", flush=True)
             result = client.complete(prompt, max_tokens=48)
@@ -181,7 +187,10 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         if args.demo:
-            demo(router)
+            from ruyiflow.cluster.api_keys import client_key
+            from ruyiflow.cluster.topology_yaml import load_topology
+
+            demo(router, client_key(None, load_topology(args.topology).router.api_keys_env))
             if args.exit_after_demo:
                 return 0
         while not stop.wait(1.0):
