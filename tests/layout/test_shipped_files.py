@@ -479,7 +479,7 @@ def test_installed_layout_maps_folders_onto_subpackages() -> None:
     )
     assert LAYOUT.installed_of(ROOT / "ruyiflow" / "data" / "x") == PurePosixPath("ruyiflow/data/x")
     assert LAYOUT.source_of(PurePosixPath("ruyiflow/router/models/m.onnx")) == (
-        "ruyiflow.router",
+        "ruyiflow.router.models",
         ROOT / "router" / "models" / "m.onnx",
     )
     assert LAYOUT.source_of(PurePosixPath("router/models/m.onnx")) is None
