@@ -1,11 +1,16 @@
 """`ruyiflow up`: start every process of a topology on this machine (router + one daemon per
 node, and first the external engines nodes name in `command:`), wait until all report healthy,
-optionally show a few routed queries, and stop them all on Ctrl-C / SIGTERM. Engines are
-restarted when they die (`ruyiflow.engine_process`); a daemon that dies stops everything."""
+optionally show a few routed queries, and stop them all on Ctrl-C / SIGTERM - at any moment,
+start-up included. A daemon that dies is restarted (`ruyiflow.supervisor`: a growing pause, a
+restart budget, counted in `ruyiflow_up_restarts_total` on `--metrics`); only one that used up
+its budget stops the cluster. Engines are restarted the same way (`ruyiflow.engine_process`).
+Children die with `up`, even when it is SIGKILLed (Linux), and taken ports are reported before
+anything is spawned."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import subprocess
 import sys
@@ -14,6 +19,14 @@ import time
 from pathlib import Path
 
 from ruyiflow.engine_process import EngineProcess, EngineSupervisor, engine_processes
+from ruyiflow.supervisor import Child, RestartPolicy, Supervisor
+
+log = logging.getLogger("ruyiflow.up")
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived while `up` was still starting the cluster."""
+
 
 DEMO_PROMPTS = (
     "What is the capital of France?",
@@ -29,6 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for health")
     p.add_argument("--demo", action="store_true", help="send a few queries once healthy")
     p.add_argument("--exit-after-demo", action="store_true", help="stop everything after --demo")
+    p.add_argument(
+        "--metrics",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve the supervisor's /metrics (restarts per daemon) here",
+    )
 
 
 def health(address: str, timeout: float = 1.0) -> str:
@@ -48,56 +67,97 @@ def health(address: str, timeout: float = 1.0) -> str:
 
 def processes(topology_path: str) -> list[tuple[str, list[str], str]]:
     """(name, argv, gRPC address) of every process the topology runs here."""
+    return [(c.name, c.argv, c.listen) for c in children_of(topology_path)]
+
+
+def children_of(topology_path: str, log_dir: Path | None = None) -> list[Child]:
+    """The supervised daemons of a topology, each with the addresses it listens on (keyed by
+    topology field); the gRPC address comes first."""
     from ruyiflow.cluster.topology_yaml import load_topology
 
     topo = load_topology(topology_path)
     base = [sys.executable, "-m", "ruyiflow"]
-    procs = [
-        (n.name, [*base, n.tier, "--name", n.name, "--topology", topology_path], n.listen)
-        for n in topo.nodes
-    ]
-    procs.append(("router", [*base, "router", "--topology", topology_path], topo.router.listen))
-    return procs
+    out = []
+    for n in topo.nodes:
+        argv = [*base, n.tier, "--name", n.name, "--topology", topology_path]
+        addresses = {f"nodes.{n.name}.listen": n.listen, f"nodes.{n.name}.metrics": n.metrics}
+        out.append(Child(n.name, argv, addresses, _log_path(log_dir, n.name)))
+    addresses = {"router.listen": topo.router.listen, "router.metrics": topo.router.metrics}
+    if topo.router.http:
+        addresses["router.http"] = topo.router.http
+    argv = [*base, "router", "--topology", topology_path]
+    out.append(Child("router", argv, addresses, _log_path(log_dir, "router")))
+    return out
+
+
+def _log_path(log_dir: Path | None, name: str) -> Path | None:
+    return None if log_dir is None else log_dir / f"{name}.log"
 
 
 class Cluster:
-    """Child processes of one topology; `stop` sends SIGTERM, then SIGKILL after a grace."""
+    """Supervised child processes of one topology; `stop` sends SIGTERM to each process
+    group, then SIGKILL after a grace. `stop_event` (set by a signal) ends start-up early."""
 
-    def __init__(self, topology_path: str, log_dir: Path | None = None, only: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        topology_path: str,
+        log_dir: Path | None = None,
+        only: tuple[str, ...] = (),
+        policy: RestartPolicy | None = None,
+        stop_event: threading.Event | None = None,
+    ):
         self.topology_path = topology_path
         from ruyiflow.cluster.topology_yaml import load_topology
 
-        self.specs = [s for s in processes(topology_path) if not only or s[0] in only]
-        self.children: dict[str, subprocess.Popen] = {}
+        children = [c for c in children_of(topology_path, log_dir) if not only or c.name in only]
+        self.supervisor = Supervisor(children, policy or RestartPolicy())
+        self.specs = [(c.name, c.argv, c.listen) for c in children]
         self.log_dir = log_dir
+        self.stop_event = stop_event or threading.Event()
         engines = engine_processes(load_topology(topology_path), log_dir)
         self.engines = EngineSupervisor([e for e in engines if not only or e.node in only])
 
+    @property
+    def children(self) -> dict[str, subprocess.Popen]:
+        """The current process of each daemon (a restart replaces it)."""
+        return {n: c.proc for n, c in self.supervisor.children.items() if c.proc is not None}
+
     def start(self, quiet: bool = False) -> None:
-        """Make missing ONNX exports (onnxruntime nodes), then start every process."""
+        """Make missing ONNX exports (onnxruntime nodes), check every port, then start every
+        process (engines first)."""
         from ruyiflow.onnx_exports import prepare_exports
+        from ruyiflow.supervisor import check_ports
 
         prepare_exports(self.topology_path, quiet=quiet)
+        self._check_stop()
+        check_ports(
+            {k: v for c in self.supervisor.children.values() for k, v in c.addresses.items()}
+        )
         self.engines.quiet = quiet
         self.engines.start()
-        for name, argv, _ in self.specs:
-            out = None
-            if self.log_dir is not None:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the child)
-            self.children[name] = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT if out else None
-            )
+        self._check_stop()
+        self.supervisor.start()
+
+    def _check_stop(self) -> None:
+        if self.stop_event.is_set():
+            raise Interrupted()
+
+    def supervise(self) -> list[str]:
+        """Restart daemons that died; returns those that used up their restart budget."""
+        return self.supervisor.check()
 
     def wait_healthy(self, timeout: float, progress: bool = True) -> None:
         deadline = time.monotonic() + timeout
         last = ""
         while True:
+            self._check_stop()
             states = {e.name: engine_state(e) for e in self.engines.engines}
             states.update({name: health(addr) for name, _, addr in self.specs})
-            dead = [n for n, p in self.children.items() if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"process(es) exited during start-up: {', '.join(dead)}")
+            given_up = self.supervise()
+            if given_up:
+                raise RuntimeError(
+                    f"process(es) kept exiting during start-up: {', '.join(given_up)}"
+                )
             line = "  ".join(f"{n}: {s.lower()}" for n, s in states.items())
             if progress and line != last:
                 print(f"[up] {line}", file=sys.stderr, flush=True)
@@ -106,7 +166,7 @@ class Cluster:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not healthy after {timeout:.0f}s: {line}")
-            time.sleep(0.5)
+            self.stop_event.wait(0.5)
 
     def _router_sees_nodes(self) -> bool:
         """The router has polled every node healthy (its registry lags process health)."""
@@ -132,16 +192,8 @@ class Cluster:
         return all(n.healthy for n in reply.nodes)
 
     def stop(self, grace: float = 15.0) -> None:
-        for p in self.children.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for p in self.children.values():
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        self.supervisor.stop(grace)
         self.engines.stop(grace=max(1.0, deadline - time.monotonic()))
 
 
@@ -172,12 +224,19 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.topology).is_file():
         print(f"ruyiflow up: topology file {args.topology} not found", file=sys.stderr)
         return 2
-    cluster = Cluster(args.topology)
-    stop = threading.Event()
+    logging.basicConfig(level=logging.INFO, format="[up] %(message)s")
+    stop = threading.Event()  # before anything: a signal at any moment stops everything
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    cluster.start()
+    cluster = Cluster(args.topology, stop_event=stop)
+    metrics = None
     try:
+        if args.metrics:
+            from ruyiflow.cluster.metrics_http import serve_registry
+
+            metrics = serve_registry(args.metrics, cluster.supervisor.registry, "--metrics")
+            print(f"[up] supervisor metrics on port {metrics.port}", file=sys.stderr, flush=True)
+        cluster.start()
         cluster.wait_healthy(args.timeout)
         router = next(addr for name, _, addr in cluster.specs if name == "router")
         print(
@@ -193,12 +252,16 @@ def run(args: argparse.Namespace) -> int:
             demo(router, client_key(None, load_topology(args.topology).router.api_keys_env))
             if args.exit_after_demo:
                 return 0
-        while not stop.wait(1.0):
-            dead = [n for n, p in cluster.children.items() if p.poll() is not None]
-            if dead:
-                print(f"[up] process(es) exited: {', '.join(dead)}; stopping", file=sys.stderr)
+        while not stop.wait(0.5):
+            given_up = cluster.supervise()
+            if given_up:
+                print(f"[up] {', '.join(given_up)} kept exiting; stopping", file=sys.stderr)
                 return 1
+        return 0
+    except Interrupted:
         return 0
     finally:
         print("[up] stopping", file=sys.stderr, flush=True)
         cluster.stop()
+        if metrics is not None:
+            metrics.stop()
