@@ -188,6 +188,14 @@ def run_shares(args: argparse.Namespace) -> int:
         f"cloud share {calibrated.cloud_share:.3f} (target {args.target_cloud_share:.3f}); "
         "per exit: " + ", ".join(f"{e}: {n}" for e, n in calibrated.exit_counts.items())
     )
+    risk = topology.router.escalation.calibration
+    if risk is not None:
+        certified = ", ".join(str(e.exit) for e in risk.exits if e.is_certified) or "none"
+        print(
+            f"note: the risk calibration (eps {risk.eps}) certifies exits: {certified}; "
+            "requests these thresholds send elsewhere start at the next certified exit, else "
+            "the deepest"
+        )
     escalation = None
     if args.results is not None:
         results = load_results(args.results)

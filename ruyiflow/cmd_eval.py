@@ -41,7 +41,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     routing.add_argument("--json", action="store_true", help="one JSON object per policy")
     routing.add_argument("--quality", choices=["agreement", "answer"], default="agreement")
-    routing.add_argument("--topology", help="take thresholds/escalation/tiers from this file")
+    routing.add_argument(
+        "--topology",
+        help="take thresholds/escalation/tiers from this file; with features, adds `default`: "
+        "exactly what it routes (scorer, thresholds, calibrated gate, escalation)",
+    )
+    routing.add_argument(
+        "--features", help="first-token features (default <results>.features.npz): gate policies"
+    )
+    routing.add_argument(
+        "--probes", help="probes directory (default: shipped for the embedded model; 'none')"
+    )
     routing.add_argument("--no-escalation", action="store_true", help="skip escalation policies")
     routing.add_argument(
         "--escalation-cache", help="reuse escalation runs saved here with the same settings"
@@ -176,6 +186,7 @@ def _print_exit_summary(results, stream) -> None:
 
 def run_routing(args: argparse.Namespace, prompts) -> int:
     from ruyiflow.evaluation import routing
+    from ruyiflow.evaluation.gate_setup import default_lines, gate_eval
     from ruyiflow.evaluation.report import format_table, summarise_curves
     from ruyiflow.evaluation.results import load_results
 
@@ -224,7 +235,11 @@ def run_routing(args: argparse.Namespace, prompts) -> int:
                 f" {engine.fingerprint}: escalation runs would not be comparable"
             )
         runs = _escalation_runs(args, engine, prompts, max_tokens, setup.escalation)
-    curves = routing.policy_curves(results, scorers, runs, setup)
+    features = args.features or (
+        Path(args.results).with_suffix(".features.npz") if args.results else None
+    )
+    gate = gate_eval(results, prompts, features, args.probes, args.topology)
+    curves = routing.policy_curves(results, scorers, runs, setup, gate)
     rows = summarise_curves(curves, args.quality)
     if args.json:
         for row in rows:
@@ -233,6 +248,8 @@ def run_routing(args: argparse.Namespace, prompts) -> int:
         _print_exit_summary(results, sys.stdout)
         print()
         print(format_table(rows))
+        if gate is not None:
+            print("\n".join(["", *default_lines(curves, gate)]))
     if args.plot:
         _plot(curves, args.quality, args.plot, quiet=args.json)
     return 0

@@ -6,13 +6,16 @@ scorer (v1 `heuristic`, `learned` when a model file is given) a threshold sweep,
 escalation (start at the routed exit, switch to the deepest exit when the confidence window
 fires, really run with Engine.switch_exit), and `<scorer>-2exit`: the same scores with one cut
 between the shallowest and the deepest exit (RouteLLM's weak/strong setting, comparable with
-`random` at matched cost).
+`random` at matched cost). With first-token features (`GateEval`): `default`, what a topology
+does (scorer, thresholds, calibrated gate, escalation), and the gate sweeps
+(`evaluation.gate_policy`): `probe-gate`, `max_prob-gate` and `<scorer>+probe-gate`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ruyiflow.engine.errors import InvalidRequest, RuyiflowError
 from ruyiflow.evaluation.policies import (
@@ -60,6 +63,19 @@ class RoutingSetup:
         return cls(**fields)
 
 
+@dataclass(frozen=True)
+class GateEval:
+    """What the gate policies need: first-token features of the prompts, the probes of the
+    sweeps (exit -> `node.probe.Probe`), and for `default` a topology, its scorer's scores by
+    prompt id and the gate its nodes open (`gate_policy.topology_gate`)."""
+
+    table: Any  # evaluation.features.FirstTokens
+    probes: Mapping[int, Any] = field(default_factory=dict)
+    topology: Any = None  # cluster.topology.Topology
+    default_scores: Mapping[str, float] | None = None
+    default_gate: Any = None  # node.gate.Gate
+
+
 def match_results(prompts: Sequence[Prompt], results: Sequence[PromptResult]) -> list[PromptResult]:
     """The result of every prompt, in prompt order; results of other prompts are ignored."""
     by_id = {r.id: r for r in results}
@@ -89,9 +105,11 @@ def policy_curves(
     scorers: Mapping[str, Mapping[str, float]],
     escalation_runs: Mapping | None,
     setup: RoutingSetup = RoutingSetup(),
+    gate: GateEval | None = None,
 ) -> list[PolicyCurve]:
     """Every policy's curve. `scorers` maps a name to its scores by prompt id; with
-    `escalation_runs` ({(id, start exit): Run}) each scorer also gets a `+escalation` curve."""
+    `escalation_runs` ({(id, start exit): Run}) each scorer also gets a `+escalation` curve;
+    with `gate` the gate policies come first (`default` first of all, given a topology)."""
     ev = Evaluator(results, setup.cloud_above)
     thresholds = setup.thresholds or tuple(default_thresholds(ev.exits))
     curves = [
@@ -108,7 +126,58 @@ def policy_curves(
         curves.append(ev.thresholds_sweep(f"{name}-2exit", scores, two_exits))
         if escalated is not None:
             curves.append(ev.thresholds_sweep(f"{name}+escalation", scores, thresholds, escalated))
+    if gate is not None:
+        curves = _gate_curves(ev, results, scorers, thresholds, escalated, setup, gate) + curves
     return curves
+
+
+def _gate_curves(
+    ev, results, scorers, thresholds, escalated, setup: RoutingSetup, gate: GateEval
+) -> list[PolicyCurve]:
+    from ruyiflow.evaluation.features import gate_data
+    from ruyiflow.evaluation.gate_policy import default_point, gate_sweep
+    from ruyiflow.evaluation.policies import route_exit
+
+    out = []
+    if gate.topology is not None:
+        esc = gate.topology.router.escalation
+        if (setup.escalation.window, setup.escalation.threshold) != (esc.window, esc.threshold):
+            escalated = None  # runs with other settings than the topology's: not its escalation
+        curve, _ = default_point(
+            ev,
+            results,
+            gate.topology,
+            gate.default_scores,
+            gate.table,
+            gate.default_gate,
+            escalated,
+        )
+        out.append(curve)
+    measures = gate_data(results, gate.table, gate.probes).measures
+    shallowest = {r.id: ev.exits[0] for r in results}
+    for measure in ("probe", "max_prob"):
+        if measure in measures:
+            name = f"{measure}-gate"
+            values = measures[measure]
+            out.append(
+                gate_sweep(name, ev, results, shallowest, measure, values, gate.table, gate.probes)
+            )
+    if "probe" in measures:
+        for name, scores in scorers.items():
+            starts = {r.id: route_exit(scores[r.id], thresholds) for r in results}
+            out.append(
+                gate_sweep(
+                    f"{name}+probe-gate",
+                    ev,
+                    results,
+                    starts,
+                    "probe",
+                    measures["probe"],
+                    gate.table,
+                    gate.probes,
+                )
+            )
+    return out
 
 
 def load_scorer(name: str, path: str | None = None):

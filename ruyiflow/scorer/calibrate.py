@@ -1,6 +1,10 @@
 """Calibrate the router: thresholds for a target cloud share, and the escalation max-prob
 threshold for a target share of edge requests that escalate. Pure Python over scores and the
-evaluation's per-token confidences; the routing itself is `router.policy.plan_route`.
+evaluation's per-token confidences; the routing itself is `router.policy.plan_route`, over the
+thresholds alone: a risk calibration (`router.escalation.calibration`) moves requests the
+thresholds send to an uncertified exit on to the next certified one, and with none certified
+every band would start at the deepest exit, leaving nothing to cut. These settings take effect
+where the gate lets a shallow exit serve.
 
 Thresholds. The entries of `router.thresholds` fall into an edge run and a cloud run (by the tier
 `plan_route` gives a score in each band). The cut between them moves to `c`, chosen among the
@@ -26,7 +30,7 @@ from ruyiflow.cluster.topology import Threshold, Topology
 from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.evaluation.prompts import Prompt
 from ruyiflow.evaluation.results import PromptResult
-from ruyiflow.router.policy import plan_route
+from ruyiflow.router.policy import RoutePlan, plan_route
 
 DIGITS = 6  # thresholds are written rounded; rounding is checked not to move any sample
 
@@ -72,11 +76,17 @@ def split_for_share(
     return best[0], best[1]
 
 
+def route(topology: Topology, score: float) -> RoutePlan:
+    """Where the thresholds alone send `score` (module docstring: the gate's start ignored)."""
+    escalation = dataclasses.replace(topology.router.escalation, calibration=None)
+    return plan_route(with_router(topology, escalation=escalation), score)
+
+
 def band_tiers(topology: Topology) -> list[str]:
     """The tier each threshold entry routes to (probing one score inside each band)."""
     thresholds = topology.router.thresholds
     probes = [0.0] + [t.below for t in thresholds[:-1]]  # score == previous below: this band
-    return [plan_route(topology, min(p, 1.0)).tier for p in probes]
+    return [route(topology, min(p, 1.0)).tier for p in probes]
 
 
 def rescale_thresholds(
@@ -139,12 +149,12 @@ def calibrate_thresholds(
     num_cloud = sum(s >= cut for s in scores)
     try:  # rounded for the YAML, unless rounding merges two boundaries or moves a sample
         calibrated = with_router(topology, thresholds=rounded)
-        plans = [plan_route(calibrated, s) for s in scores]
+        plans = [route(calibrated, s) for s in scores]
         if sum(p.tier == "cloud" for p in plans) != num_cloud:
             raise ValueError("rounding moved a sample across the cut")
     except ValueError:  # TopologyError is a ValueError
         calibrated = with_router(topology, thresholds=thresholds)
-        plans = [plan_route(calibrated, s) for s in scores]
+        plans = [route(calibrated, s) for s in scores]
     return ThresholdCalibration(
         thresholds=calibrated.router.thresholds,
         cut=cut,
@@ -187,7 +197,7 @@ def edge_values(
     window = topology.router.escalation.window
     values = []
     for prompt, score in zip(prompts, scores, strict=True):
-        plan = plan_route(topology, score)
+        plan = route(topology, score)
         if plan.tier != tier:
             continue
         result = by_id.get(prompt.id)

@@ -18,8 +18,8 @@ def risk_table(result: RiskCalibration, data: GateData) -> str:
     lines = [
         f"risk calibration: eps {cal.eps}, delta {cal.delta}; learn half {result.num_learn} "
         f"prompts, test half {cal.n}; model {cal.fingerprint}",
-        "exit  measure   rank corr  learn pass  break-even  threshold  test pass  test risk"
-        "   (rank corr, learn pass: learn half; a probe was trained on it)",
+        "(rank corr and learn pass on the learn half - a probe's own training set)",
+        "exit  measure   rank corr  learn pass  break-even  threshold  test pass  test risk",
     ]
     for j, (choice, entry) in enumerate(zip(result.choices, cal.exits, strict=True)):
         passed = passing(entry, test.measures[entry.measure][:, j])

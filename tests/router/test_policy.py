@@ -3,6 +3,7 @@ mapping of domain errors to gRPC status codes."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from pathlib import Path
@@ -30,7 +31,16 @@ from ruyiflow.router.policy import (
     threshold_exit,
 )
 
-TOPOLOGY = Topology.load(Path(__file__).resolve().parents[2] / "topology.yaml")
+SHIPPED = Topology.load(Path(__file__).resolve().parents[2] / "topology.yaml")
+# The thresholds' own routing: the shipped topology without its risk calibration, whose starts
+# test_shipped_calibration_starts_at_the_deepest_exit checks.
+TOPOLOGY = dataclasses.replace(
+    SHIPPED,
+    router=dataclasses.replace(
+        SHIPPED.router,
+        escalation=dataclasses.replace(SHIPPED.router.escalation, calibration=None),
+    ),
+)
 THRESHOLDS = TOPOLOGY.router.thresholds
 
 
@@ -43,6 +53,15 @@ def test_thresholds(score: float, exit_: int) -> None:
     tier = "edge" if exit_ <= 16 else "cloud"
     assert plan_route(TOPOLOGY, score).tier == tier
     assert plan_route(TOPOLOGY, score).exit == exit_
+
+
+def test_shipped_calibration_starts_at_the_deepest_exit() -> None:
+    # it certifies no shallow exit (eps 0.05 on SmolLM2's weak exits): every band starts at 29
+    for score in (0.0, 0.35, 0.5, 0.79):
+        plan = plan_route(SHIPPED, score)
+        assert (plan.exit, plan.tier, plan.candidates) == (29, "cloud", ("cloud-0",))
+        assert plan.scored_exit == threshold_exit(score, THRESHOLDS)
+    assert plan_route(SHIPPED, 0.0, Overrides(exit=12)).exit == 12  # pinned: the node's gate
 
 
 def test_score_out_of_range() -> None:

@@ -1,5 +1,7 @@
 """Calibration: thresholds hit the target cloud share within 1/N, the escalation threshold hits
-the target escalation share, bad targets and inputs are refused, `--write` keeps comments."""
+the target escalation share, both over the thresholds' own routing (the shipped risk
+calibration, which certifies nothing, would start every band at the deepest exit), bad targets
+and inputs are refused, `--write` keeps comments."""
 
 from __future__ import annotations
 
@@ -33,6 +35,14 @@ def test_split_points() -> None:
     assert cal.split_for_share([0.0, 0.0, 1.0], 1.0) == (0.5, 2)  # 1.0 is never below
 
 
+def test_thresholds_route_before_the_gate() -> None:
+    topology = Topology.load(REPO_TOPOLOGY)
+    assert topology.router.escalation.calibration is not None
+    assert plan_route(topology, 0.0).exit == 29 and plan_route(topology, 0.0).scored_exit == 12
+    assert cal.route(topology, 0.0).exit == 12 and cal.route(topology, 0.0).tier == "edge"
+    assert cal.band_tiers(topology) == ["edge", "edge", "cloud", "cloud", "cloud"]
+
+
 def test_escalation_value_is_the_best_window() -> None:
     assert cal.escalation_value([0.9, 0.2, 0.1, 0.3, 0.8], window=2) == 0.2
     assert cal.escalation_value([0.9, 0.2, 0.1, 0.3, 0.8], window=3) == 0.3
@@ -47,7 +57,7 @@ def test_thresholds_hit_the_target_share(target) -> None:
     result = cal.calibrate_thresholds(topology, scores, target)
     assert abs(result.cloud_share - target) <= 1 / len(scores)
     calibrated = cal.with_router(topology, thresholds=result.thresholds)
-    realised = sum(plan_route(calibrated, s).tier == "cloud" for s in scores) / len(scores)
+    realised = sum(cal.route(calibrated, s).tier == "cloud" for s in scores) / len(scores)
     assert realised == result.cloud_share
     assert sum(result.exit_counts.values()) == len(scores)
     old = [t.below for t in topology.router.thresholds]
@@ -100,7 +110,7 @@ def test_escalation_hits_the_target_share(tmp_path, target) -> None:
     by_id = {r.id: r for r in results}
     escalated = 0
     for prompt, score in zip(prompts, scores, strict=True):
-        plan = plan_route(topology, score)
+        plan = cal.route(topology, score)
         if plan.tier == "edge":
             watch = EscalationWatch(EscalationSettings(True, esc.window, esc.threshold))
             probs = by_id[prompt.id].exits[plan.exit].max_prob
