@@ -22,6 +22,7 @@ from ruyiflow.engine.errors import (  # noqa: E402
 __all__ = [
     "HandoffError",
     "PermissionDenied",
+    "RetryLater",
     "Unauthenticated",
     "InvalidRequest",
     "ModelLoadError",
@@ -54,6 +55,15 @@ class Unauthenticated(RuyiflowError):
 
 class PermissionDenied(RuyiflowError):
     """The caller is known but may not do this."""
+
+
+class RetryLater(Overloaded):
+    """Overloaded, with a hint of when to try again (seconds): sent as `retry-after-ms`
+    trailing metadata over gRPC and the `Retry-After` header over HTTP."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 # The one table from domain errors to gRPC status codes (subclasses inherit their base's code).

@@ -96,6 +96,9 @@ def abort_for(exc: Exception, context: grpc.ServicerContext, method: str) -> Non
         context.abort(exc.code, exc.details)
     if isinstance(exc, RuyiflowError):
         log.debug("%s refused: %s", method, exc)
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s is not None:
+            context.set_trailing_metadata((("retry-after-ms", str(round(retry_after_s * 1e3))),))
         context.abort(status_code_for(exc), str(exc))
     log.error("unhandled error in %s", method, exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, internal_details(exc))

@@ -22,12 +22,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ruyiflow.cluster.errors import NodeUnavailable, PortInUse
+from ruyiflow.cluster.errors import NodeUnavailable, PortInUse, RetryLater
 from ruyiflow.cluster.grpc_errors import ErrorMappingInterceptor
 from ruyiflow.proto import ruyiflow_pb2
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20  # handoff parts are <= 3 MiB; headers carry token lists
 DEFAULT_MAX_WORKERS = 256  # a sync server holds one thread per open stream
+RETRY_AFTER_S = 1.0  # the hint a full server gives
 ServicerAdder = tuple[Callable[[Any, grpc.Server], None], Any]  # (add_XServicer_to_server, obj)
 
 
@@ -43,14 +44,36 @@ def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+KEEPALIVE_MS = 10_000  # a ping on every idle connection this often
+KEEPALIVE_TIMEOUT_MS = 5_000  # no answer to a ping within this: the connection is dead
+
+
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """Options for channels between daemons: reconnect quickly, so a node that comes back is
-    reachable within a poll or two (grpc's default backoff grows to two minutes)."""
+    reachable within a poll or two (grpc's default backoff grows to two minutes), and send
+    keepalive pings, so a peer that stopped answering (a hung or cut-off machine) breaks the
+    calls on its connection instead of leaving them waiting."""
     return message_options(max_message_bytes) + [
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
         ("grpc.enable_retries", 0),  # the router decides about retries itself
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Server options: take the clients' keepalive pings (grpc's default answers pings more
+    often than every 5 minutes with GOAWAY "too_many_pings")."""
+    return message_options(max_message_bytes) + [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+        ("grpc.http2.max_ping_strikes", 0),
+        # so_reuseport 0: a second daemon on a taken port must fail, not share it silently.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -97,8 +120,7 @@ def serve_grpc(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=[ErrorMappingInterceptor(), *interceptors],
-        # so_reuseport 0: a second daemon on a taken port must fail, not share it silently.
-        options=[*message_options(max_message_bytes), ("grpc.so_reuseport", 0)],
+        options=server_options(max_message_bytes),
     )
     for add, servicer in servicers_adders:
         add(servicer, server)
@@ -123,8 +145,9 @@ def serve_grpc(
 class Admission:
     """Counts in-flight calls and refuses new ones once draining began (thread-safe)."""
 
-    def __init__(self, what: str = "server") -> None:
+    def __init__(self, what: str = "server", max_in_flight: int | None = None) -> None:
         self._what = what
+        self._max_in_flight = max_in_flight
         self._cond = threading.Condition()
         self._num_in_flight = 0
         self._is_draining = False
@@ -140,10 +163,16 @@ class Admission:
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
-        """Hold a slot for one call; NodeUnavailable (UNAVAILABLE) while draining."""
+        """Hold a slot for one call; NodeUnavailable (UNAVAILABLE) while draining, RetryLater
+        (RESOURCE_EXHAUSTED) when `max_in_flight` calls are already in."""
         with self._cond:
             if self._is_draining:
                 raise NodeUnavailable(f"{self._what} is draining; retry on another instance")
+            limit = self._max_in_flight
+            if limit is not None and self._num_in_flight >= limit:
+                raise RetryLater(
+                    f"{self._what} is full ({limit} streams running or queued)", RETRY_AFTER_S
+                )
             self._num_in_flight += 1
         try:
             yield

@@ -117,6 +117,9 @@ class NodeSpec:
     backend: str = "torch"
     max_batch: int = 8
     max_context: int = 2048
+    # Requests waiting beyond the running batch; more are refused (RESOURCE_EXHAUSTED) and the
+    # router places them on another node. 0: 4 x max_batch.
+    max_queue: int = 0
     providers: tuple[str, ...] = ()  # onnxruntime execution providers, in preference order
     onnx_dir: str | None = None  # onnxruntime: exports `exit-<E>/` (default: the user cache)
     device: str = "cpu"  # torch: where weights, KV cache and compute live (cpu, cuda, cuda:N)
@@ -146,6 +149,7 @@ class NodeSpec:
         _check_one_of(self.backend, BACKENDS, "backend")
         _check(self.max_batch >= 1, "max_batch", "must be >= 1")
         _check(self.max_context >= 1, "max_context", "must be >= 1")
+        _check(self.max_queue >= 0, "max_queue", "must be >= 0 (0: 4 x max_batch)")
         for key in ("providers", "onnx_dir"):
             _check(
                 not getattr(self, key) or self.backend == "onnxruntime",
@@ -192,6 +196,11 @@ class NodeSpec:
                 "must name an environment variable",
             )
         _check(all(self.command), "command", "arguments must not be empty")
+
+    @property
+    def max_streams(self) -> int:
+        """Streams the node takes at once: the batch plus its queue."""
+        return self.max_batch + (self.max_queue or 4 * self.max_batch)
 
     @property
     def engine_concurrency(self) -> int:
@@ -273,6 +282,10 @@ class RouterSpec:
     target_cloud_share: float | None = None  # what `ruyiflow calibrate` aimed at (exported)
     # Client API keys: the variable holding them (comma-separated); None: no key is asked for.
     api_keys_env: str | None = None
+    # A node stream that sends nothing for this long is cancelled and resumed elsewhere.
+    stream_idle_timeout_s: float = 20.0
+    # Consecutive failed health checks (0.5 s apart) before a node counts as down.
+    health_failures: int = 3
 
     def __post_init__(self) -> None:
         for key in ("listen", "metrics", "http")[: 3 if self.http else 2]:
@@ -303,6 +316,12 @@ class RouterSpec:
                     "harder scores must not map to shallower exits of the same model",
                 )
         _check(self.grace_period_s >= 0, "grace_period_s", "must be >= 0")
+        _check(
+            self.stream_idle_timeout_s > 0 and math.isfinite(self.stream_idle_timeout_s),
+            "stream_idle_timeout_s",
+            "must be > 0",
+        )
+        _check(self.health_failures >= 1, "health_failures", "must be >= 1")
         _check(
             self.api_keys_env is None or bool(_ENV_NAME.fullmatch(self.api_keys_env)),
             "api_keys_env",

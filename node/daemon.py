@@ -112,7 +112,14 @@ def run_node(
         bind_address(spec.metrics), metrics.registry, f"nodes.{name}.metrics"
     )
     identity = NodeIdentity(
-        name, tier, spec.model, spec.backend, spec.max_batch, spec.max_context, tuple(spec.exits)
+        name,
+        tier,
+        spec.model,
+        spec.backend,
+        spec.max_batch,
+        spec.max_context,
+        tuple(spec.exits),
+        spec.max_streams,
     )
     access, dialer, peers = node_security(topology, name)
     servicer = NodeServicer(identity, metrics, access, peers, dialer)

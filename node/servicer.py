@@ -59,6 +59,7 @@ class NodeIdentity:
     max_batch: int
     max_context: int
     exits: tuple[int, ...]
+    max_streams: int | None = None  # Generate/Resume streams at once (None: no limit)
 
 
 def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
@@ -124,7 +125,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.peers = dict(peers or {})
         self.dialer = dialer or Dialer(identity.name)
         self.worker: NodeBackend | None = None
-        self.admission = Admission(f"node {identity.name}")
+        self.admission = Admission(f"node {identity.name}", identity.max_streams)
         self.accepted: AcceptedStates | None = None
 
     def attach(

@@ -269,20 +269,22 @@ class GateCheck(_message.Message):
     def __init__(self, node: _Optional[str] = ..., exit: _Optional[int] = ..., measure: _Optional[str] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., passed: _Optional[bool] = ..., to_exit: _Optional[int] = ..., confidence: _Optional[_Union[TokenConfidence, _Mapping]] = ..., skipped: _Optional[bool] = ...) -> None: ...
 
 class RouteTrace(_message.Message):
-    __slots__ = ("spans", "handoffs", "difficulty", "timing", "num_retries", "gate")
+    __slots__ = ("spans", "handoffs", "difficulty", "timing", "num_retries", "gate", "deeper_for_load_from")
     SPANS_FIELD_NUMBER: _ClassVar[int]
     HANDOFFS_FIELD_NUMBER: _ClassVar[int]
     DIFFICULTY_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     NUM_RETRIES_FIELD_NUMBER: _ClassVar[int]
     GATE_FIELD_NUMBER: _ClassVar[int]
+    DEEPER_FOR_LOAD_FROM_FIELD_NUMBER: _ClassVar[int]
     spans: _containers.RepeatedCompositeFieldContainer[RouteSpan]
     handoffs: _containers.RepeatedCompositeFieldContainer[HandoffRecord]
     difficulty: float
     timing: Timing
     num_retries: int
     gate: _containers.RepeatedCompositeFieldContainer[GateCheck]
-    def __init__(self, spans: _Optional[_Iterable[_Union[RouteSpan, _Mapping]]] = ..., handoffs: _Optional[_Iterable[_Union[HandoffRecord, _Mapping]]] = ..., difficulty: _Optional[float] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., num_retries: _Optional[int] = ..., gate: _Optional[_Iterable[_Union[GateCheck, _Mapping]]] = ...) -> None: ...
+    deeper_for_load_from: int
+    def __init__(self, spans: _Optional[_Iterable[_Union[RouteSpan, _Mapping]]] = ..., handoffs: _Optional[_Iterable[_Union[HandoffRecord, _Mapping]]] = ..., difficulty: _Optional[float] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., num_retries: _Optional[int] = ..., gate: _Optional[_Iterable[_Union[GateCheck, _Mapping]]] = ..., deeper_for_load_from: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "confidence", "source", "token_offset", "finish_reason", "handoff", "trace", "num_prompt_tokens", "gate")

@@ -102,11 +102,17 @@ def classify_error(
 
 
 def failover_target(
-    topology: Topology, registry: NodeRegistry, model: str, exit_: int, exclude: set[str]
+    topology: Topology,
+    registry: NodeRegistry,
+    model: str,
+    exit_: int,
+    exclude: set[str],
+    deeper_only: bool = False,
 ) -> tuple[int, list[str]] | None:
     """(exit, available nodes) to resume at: `exit_` on another node, else the nearest deeper
-    exit, else the nearest shallower one; None when no node of `model` is available."""
-    served = topology.exit_tiers(model)
+    exit, else (unless `deeper_only`) the nearest shallower one; None when no node of `model`
+    is available."""
+    served = [e for e in topology.exit_tiers(model) if e >= exit_ or not deeper_only]
     order = sorted(served, key=lambda e: (e != exit_, e < exit_, abs(e - exit_)))
     for candidate in order:
         names = [

@@ -13,6 +13,7 @@ a later failure ends the stream with an error event. Every error becomes a statu
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
@@ -44,7 +45,11 @@ JSON = "application/json"
 
 def _error(exc: BaseException) -> Response:
     status, body = error_answer(exc)
-    return Response(body.model_dump_json(), status_code=status, media_type=JSON)
+    response = Response(body.model_dump_json(), status_code=status, media_type=JSON)
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is not None:  # RetryLater: every node that could serve is full
+        response.headers["retry-after"] = str(max(1, math.ceil(retry_after_s)))
+    return response
 
 
 async def _read_body(request: Request) -> bytes:

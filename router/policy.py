@@ -16,8 +16,16 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-from ruyiflow.cluster.errors import InvalidRequest, ModelMismatch, NodeUnavailable, Overloaded
+from ruyiflow.cluster.errors import (
+    InvalidRequest,
+    ModelMismatch,
+    NodeUnavailable,
+    Overloaded,
+    RetryLater,
+)
 from ruyiflow.cluster.topology import HANDOFF_MODES, TIERS, Threshold, Topology
+
+RETRY_AFTER_S = 1.0  # the hint when every node that could serve a request is full
 
 TOKEN_ID_BYTES = 4  # `tokens` mode sends uint32 ids
 
@@ -193,14 +201,77 @@ class NodeLoad:
     running: int = 0
     queued: int = 0
     outstanding_tokens: int = 0
+    capacity: int | None = None  # streams it takes at once (batch + queue); None: unbounded
+    batch: int | None = None  # streams it runs at once
+    streams: int | None = None  # streams running or queued (None: running + queued)
 
     @property
     def is_available(self) -> bool:
         return self.healthy and not self.draining
 
+    @property
+    def num_streams(self) -> int:
+        return self.running + self.queued if self.streams is None else self.streams
+
+    @property
+    def is_full(self) -> bool:
+        """No room: the node would refuse another stream."""
+        return self.capacity is not None and self.num_streams >= self.capacity
+
+    @property
+    def is_busy(self) -> bool:
+        """A whole batch already waits behind the running one."""
+        return self.batch is not None and self.num_streams >= 2 * self.batch
+
     def work_key(self) -> tuple[int, int, int, str]:
         """Ordering by outstanding work; the name makes ties deterministic."""
         return (self.outstanding_tokens, self.queued, self.running, self.name)
+
+
+def choose_placement(
+    order: Sequence[tuple[int, Sequence[NodeLoad]]], rng: random.Random
+) -> tuple[int, NodeLoad]:
+    """(exit, node) for a new request from `placement_order`'s entries with their loads: the
+    first entry with an available node that is not busy, else the first with one that is not
+    full. RetryLater (RESOURCE_EXHAUSTED) when every available node is full, NodeUnavailable
+    when none is available."""
+    fallback = None
+    any_available = False
+    for exit_, loads in order:
+        available = [n for n in loads if n.is_available]
+        any_available = any_available or bool(available)
+        free = [n for n in available if not n.is_full]
+        idle = [n for n in free if not n.is_busy]
+        if idle:
+            return exit_, pick_node(idle, rng)
+        if free and fallback is None:
+            fallback = exit_, pick_node(free, rng)
+    if fallback is not None:
+        return fallback
+    if any_available:
+        raise RetryLater(
+            "every node that serves this exit or a deeper one is full; retry shortly",
+            RETRY_AFTER_S,
+        )
+    raise NodeUnavailable("no healthy node serves this exit or a deeper one")
+
+
+def placement_order(topology: Topology, plan: RoutePlan) -> list[tuple[int, tuple[str, ...]]]:
+    """Where a request may start, best first: the plan's nodes, then other nodes serving the
+    plan's exit, then nodes serving deeper exits of the same model, shallowest first (a full
+    or down node sends a request deeper, never shallower: quality is not traded for load)."""
+    order = [(plan.exit, plan.candidates)]
+    others = tuple(
+        n.name
+        for n in topology.nodes_serving(plan.model, plan.exit)
+        if n.name not in plan.candidates
+    )
+    if others:
+        order.append((plan.exit, others))
+    for exit_ in topology.exit_tiers(plan.model):
+        if exit_ > plan.exit:
+            order.append((exit_, tuple(n.name for n in topology.nodes_serving(plan.model, exit_))))
+    return order
 
 
 def pick_node(

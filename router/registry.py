@@ -41,12 +41,23 @@ NODE_SERVICE = service_name("Node")
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
+class _ChannelPair:
+    """A node's stream channel and its health-check channel, closed together."""
+
+    def __init__(self, main: grpc.Channel, health: grpc.Channel) -> None:
+        self.main, self.health = main, health
+
+    def close(self) -> None:
+        self.main.close()
+        self.health.close()
+
+
 @dataclass
 class NodeState:
     """What the router knows about one node; mutated only under the registry's lock."""
 
     spec: NodeSpec
-    channel: grpc.Channel
+    channel: _ChannelPair
     stub: pb_grpc.NodeStub
     health_stub: health_pb2_grpc.HealthStub
     is_healthy: bool = False
@@ -54,6 +65,8 @@ class NodeState:
     info: pb.NodeInfo | None = None
     last_seen: float | None = None  # time.monotonic() of the last successful health check
     failed_at: float = float("-inf")
+    num_failed_checks: int = 0  # consecutive failed health checks
+    answered: tuple[float, bool] | None = None  # (when, whether) it last answered a probe
     num_in_flight: int = 0  # streams this router has open on the node
     num_outstanding_tokens: int = 0  # their prompt + max_tokens budgets
     ips: tuple[str, ...] = ()  # what the address resolved to (DNS names only)
@@ -94,8 +107,13 @@ class NodeRegistry:
         self, address: str, ips: tuple[str, ...]
     ) -> tuple[grpc.Channel, pb_grpc.NodeStub, health_pb2_grpc.HealthStub]:
         target, extra = channel_target(address, list(ips))
-        channel = self._dialer.channel(target, [*channel_options(), *extra])
-        return channel, pb_grpc.NodeStub(channel), health_pb2_grpc.HealthStub(channel)
+        options = [*channel_options(), *extra]
+        channel = self._dialer.channel(target, options)
+        # Health checks on a connection of their own: a connection busy with streams (flow
+        # control, a long queue of frames) never delays them.
+        health = self._dialer.channel(target, [*options, ("grpc.use_local_subchannel_pool", 1)])
+        pair = _ChannelPair(channel, health)
+        return pair, pb_grpc.NodeStub(channel), health_pb2_grpc.HealthStub(health)
 
     def resolve_names(self) -> list[str]:
         """Resolve every node named by DNS; nodes whose addresses changed get a new channel.
@@ -152,44 +170,77 @@ class NodeRegistry:
             for name, node in self._nodes.items()
         }
         for name, node in self._nodes.items():
-            is_serving = self._is_serving(node, checks[name])
+            answer = self._is_serving(node, checks[name])
             try:
-                info = infos[name].result() if is_serving else None
-            except grpc.RpcError as exc:
+                info = infos[name].result() if answer else None
+            except grpc.RpcError as exc:  # a slow Info keeps the last one; health decides
                 log.debug("Info of %s failed: %s", name, exc.code())
-                info, is_serving = None, False
-            self._record(node, started, is_serving, info)
+                info = None
+            self._record(node, started, answer, info)
 
-    def _is_serving(self, node: NodeState, check: grpc.Future) -> bool:
+    def _is_serving(self, node: NodeState, check: grpc.Future) -> bool | None:
+        """The node's answer (SERVING or not; a refused connection is a no), None when it
+        did not answer in time (slow, or hung: only failures in a row take it down)."""
         try:
             return check.result().status == _SERVING
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return None
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 return False
         # A node that registers only the server-wide status ("") is judged by that.
         try:
             reply = node.health_stub.Check(health_pb2.HealthCheckRequest(), timeout=self._timeout)
-        except grpc.RpcError:
-            return False
+        except grpc.RpcError as exc:
+            return None if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else False
         return reply.status == _SERVING
 
     def _record(
-        self, node: NodeState, started: float, is_serving: bool, info: pb.NodeInfo | None
+        self, node: NodeState, started: float, answer: bool | None, info: pb.NodeInfo | None
     ) -> None:
+        """Record one poll: `answer` None (no answer) counts toward the failures in a row
+        that take a node down; an explicit NOT_SERVING takes it down at once."""
+        is_serving = bool(answer)
         with self._lock:
             if is_serving and started < node.failed_at:
                 return  # stale good news from before a failure; the next poll decides
             was_healthy = node.is_healthy
-            node.is_healthy = is_serving
+            node.num_failed_checks = 0 if is_serving else node.num_failed_checks + 1
+            # Down only after `health_failures` failed checks in a row: one slow answer from
+            # a busy node is not an outage (a broken stream marks it down at once).
+            is_down = node.num_failed_checks >= self.topology.router.health_failures
+            node.is_healthy = is_serving or (answer is None and was_healthy and not is_down)
             if info is not None:
                 node.info = info
                 node.is_draining = info.draining
                 node.last_seen = time.monotonic()
             self._lock.notify_all()
-        if was_healthy != is_serving:
-            log.info("node %s is %s", node.spec.name, "up" if is_serving else "down")
+        if was_healthy != node.is_healthy:
+            log.info("node %s is %s", node.spec.name, "up" if node.is_healthy else "down")
         if self._metrics is not None:
-            self._metrics.set_node_up(node.spec.name, is_serving)
+            self._metrics.set_node_up(node.spec.name, node.is_healthy)
+
+    def is_answering(self, name: str, timeout: float = 0.5) -> bool:
+        """Whether `name` answers a health check now (on its health connection); answers are
+        shared for `timeout` seconds, so many idle streams on one node cost one check."""
+        with self._lock:
+            node = self._nodes[name]
+            cached = node.answered
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < timeout:
+            return cached[1]
+        try:
+            request = health_pb2.HealthCheckRequest()
+            node.health_stub.Check(request, timeout=timeout)
+            answered = True
+        except grpc.RpcError as exc:
+            answered = exc.code() not in (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.UNAVAILABLE,
+            )
+        with self._lock:
+            node.answered = (time.monotonic(), answered)
+        return answered
 
     def mark_failed(self, name: str) -> None:
         """A stream to `name` broke: unhealthy until a later poll finds it serving."""
@@ -228,6 +279,9 @@ class NodeRegistry:
                         outstanding_tokens=max(
                             load.outstanding_tokens, node.num_outstanding_tokens
                         ),
+                        capacity=node.spec.max_streams,
+                        batch=node.spec.max_batch,
+                        streams=max(load.running + load.queued, node.num_in_flight),
                     )
                 )
         return out

@@ -31,6 +31,7 @@ from ruyiflow.router.requests import overrides_of, score_request, validate_reque
 from ruyiflow.router.scorer import Scorer
 from ruyiflow.router.session import RequestSession
 from ruyiflow.router.trace import TraceBuilder
+from ruyiflow.router.watchdog import IdleWatchdog
 
 _CODE_OUTCOMES = {
     grpc.StatusCode.INVALID_ARGUMENT: "invalid",
@@ -115,6 +116,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         self.rng = rng or random.Random()
         self.admission = Admission("router")
         self._load = _LoadGauge(metrics)
+        self.watchdog = IdleWatchdog(topology.router.stream_idle_timeout_s)
         metrics.set_cloud_share_target(getattr(topology.router, "target_cloud_share", None))
 
     def Generate(  # noqa: N802 (gRPC method name)
@@ -149,6 +151,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                     context,
                     on_placed=report.placed,
                     on_final=lambda: report.finish("ok"),
+                    watchdog=self.watchdog,
                 )
                 yield from session.run(report.plan)  # stream, hand off, fail over
                 report.finish("cancelled" if session.is_cancelled else "ok")

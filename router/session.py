@@ -19,16 +19,23 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from ruyiflow.cluster.errors import NodeUnavailable
+from ruyiflow.cluster.errors import NodeUnavailable, RetryLater
 from ruyiflow.cluster.topology import Topology
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.router.failover import StreamBroken, classify_error, failover_target
 from ruyiflow.router.handoff import HandoffPlanner, RelayFeed
 from ruyiflow.router.metrics import RouterMetrics
-from ruyiflow.router.policy import RoutePlan, pick_node
+from ruyiflow.router.policy import (
+    RETRY_AFTER_S,
+    RoutePlan,
+    choose_placement,
+    pick_node,
+    placement_order,
+)
 from ruyiflow.router.registry import NodeRegistry
 from ruyiflow.router.requests import estimate_tokens, node_request
 from ruyiflow.router.trace import PendingMove, TraceBuilder, reason_label
+from ruyiflow.router.watchdog import IdleWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +77,14 @@ class RequestSession:
         context: grpc.ServicerContext,
         on_placed: Callable[[], None] = lambda: None,
         on_final: Callable[[], None] = lambda: None,
+        watchdog: IdleWatchdog | None = None,
     ) -> None:
         self.topology, self.registry, self.metrics, self.rng = topology, registry, metrics, rng
         self.planner = HandoffPlanner(topology, registry, rng)
         self.request, self.request_id, self.requested_mode = request, request_id, requested_mode
         self.trace, self.context = trace, context
         self._on_placed, self._on_final = on_placed, on_final
+        self._watchdog = watchdog
         self.relayed: list[int] = []  # every token sent to the client, in order
         self.relayed_text = ""  # their text, as the client saw it
         self._ids_model: str | None = None  # the model whose tokenizer made `relayed`
@@ -108,17 +117,30 @@ class RequestSession:
             self._cancel_current()
 
     def _place(self, plan: RoutePlan) -> Placement:
+        """Start on the plan's nodes; when none has room, on the nearest deeper exit that has
+        (said in the trace), unless the client pinned the exit, tier or node."""
+        given = self.request.overrides
+        order = [(plan.exit, plan.candidates)]
+        if not (given.HasField("exit") or given.HasField("node") or given.HasField("tier")):
+            order = placement_order(self.topology, plan)
+        loads = [(exit_, self.registry.loads(names)) for exit_, names in order]
         try:
-            node = pick_node(self.registry.loads(plan.candidates), self.rng).name
+            exit_, node = choose_placement(loads, self.rng)
         except NodeUnavailable:
             names = ", ".join(plan.candidates) or "none"
             raise NodeUnavailable(
-                f"no healthy node serves exit {plan.exit} on tier {plan.tier} (nodes: {names})"
+                f"no healthy node serves exit {plan.exit} on tier {plan.tier} or a deeper exit "
+                f"(nodes: {names})"
             ) from None
+        if exit_ != plan.exit:
+            self.trace.deeper_for_load_from = plan.exit
+            log.info(
+                "request %s: exit %d has no room; starting at %d", self.request_id, plan.exit, exit_
+            )
         self._ids_model = plan.model
         if plan.scored_exit is not None:
             self.trace.add_skipped(plan.scored_exit, plan.exit)
-        return self._generate(node, plan.exit)
+        return self._generate(node.name, exit_)
 
     def _generate(self, node: str, exit_: int, pending: PendingMove | None = None) -> Placement:
         text_only = self._text_only or self.registry.spec(node).model != self._ids_model
@@ -152,8 +174,16 @@ class RequestSession:
     def _relay(self, placement: Placement) -> Generator[pb.Chunk, None, pb.HandoffNeeded | None]:
         """Relay one node stream; returns the HandoffNeeded that ended it, or None when the
         client's final chunk was sent. Raises StreamBroken when the stream fails."""
+        watch = None
+        if self._watchdog is not None:
+            node = placement.node
+            watch = self._watchdog.watch(
+                placement.call.cancel, lambda: self.registry.is_answering(node)
+            )
         try:
             for chunk in placement.call:
+                if watch is not None:
+                    watch.touch()
                 self._settle(placement)
                 if chunk.gate:
                     self.trace.add_gate(placement.node, chunk.gate)
@@ -168,6 +198,14 @@ class RequestSession:
         except grpc.RpcError as exc:
             if not self.context.is_active():
                 raise ClientCancelled() from None
+            if watch is not None and watch.expired:
+                idle = self._watchdog.timeout_s
+                raise StreamBroken(
+                    placement.node,
+                    f"sent nothing for {idle:g} s",
+                    placement.node,
+                    code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                ) from None
             feed = placement.feed
             source_failure = None
             if feed is not None and feed.source_error is not None:
@@ -175,6 +213,8 @@ class RequestSession:
             refused = placement.move_reason if placement.num_tokens == 0 else None
             raise classify_error(exc, placement.node, source_failure, refused) from None
         finally:
+            if watch is not None:
+                self._watchdog.forget(watch)
             self._close(placement)
         raise StreamBroken(placement.node, "stream ended without a finish reason", placement.node)
 
@@ -271,6 +311,11 @@ class RequestSession:
         return placement
 
     def _fail_over(self, placement: Placement, broken: StreamBroken) -> Placement:
+        if broken.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # A full node (the router's view of its load lagged): not a failure, and no retry
+            # is used; each full node is excluded, so this ends.
+            self._exclude.add(placement.node)
+            return self._resume_from_tokens(placement, broken, deeper_only=True)
         max_retries = self.topology.router.handoff.max_retries
         if self.trace.num_retries >= max_retries:
             raise broken.final_error(max_retries)
@@ -283,7 +328,9 @@ class RequestSession:
             self._exclude.add(broken.exclude)
         return self._resume_from_tokens(placement, broken)
 
-    def _resume_from_tokens(self, placement: Placement, broken: StreamBroken) -> Placement:
+    def _resume_from_tokens(
+        self, placement: Placement, broken: StreamBroken, deeper_only: bool = False
+    ) -> Placement:
         """`Node.Generate` with the relayed tokens as prefix, on the nearest healthy exit.
         If `placement` was a move's destination that never answered, that move is replaced:
         the record runs from the move's source, and the silent destination leaves no span."""
@@ -296,8 +343,12 @@ class RequestSession:
             origin = PendingMove(
                 placement.node, placement.tier, placement.exit, "tokens", 0, time.monotonic()
             )
-        target = failover_target(self.topology, self.registry, model, placement.exit, self._exclude)
+        target = failover_target(
+            self.topology, self.registry, model, placement.exit, self._exclude, deeper_only
+        )
         if target is None:
+            if broken.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise RetryLater(f"{broken}; every other node is full or down", RETRY_AFTER_S)
             raise broken.final_error(None)
         exit_, candidates = target
         node = pick_node(self.registry.loads(candidates), self.rng).name

@@ -50,6 +50,7 @@ class TraceBuilder:
         self.handoffs: list[pb.HandoffRecord] = []
         self.gate: list[pb.GateCheck] = []
         self.num_retries = 0
+        self.deeper_for_load_from = 0  # the planned exit, when the request started deeper
         self.num_tokens = 0
 
     @property
@@ -183,4 +184,5 @@ class TraceBuilder:
             ),
             num_retries=self.num_retries,
             gate=self.gate,
+            deeper_for_load_from=self.deeper_for_load_from,
         )

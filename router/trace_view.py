@@ -11,8 +11,8 @@ from ruyiflow.proto import ruyiflow_pb2 as pb
 
 
 def trace_to_dict(trace: pb.RouteTrace) -> dict[str, Any]:
-    """Plain JSON-ready dict of a RouteTrace."""
-    return {
+    """Plain JSON-ready dict of a RouteTrace (`deeper_for_load_from` only when set)."""
+    out = {
         "difficulty": round(float(trace.difficulty), 4),
         "spans": [
             {
@@ -45,6 +45,9 @@ def trace_to_dict(trace: pb.RouteTrace) -> dict[str, Any]:
         },
         "num_retries": trace.num_retries,
     }
+    if trace.deeper_for_load_from:
+        out["deeper_for_load_from"] = trace.deeper_for_load_from
+    return out
 
 
 def gate_to_dict(g: pb.GateCheck) -> dict[str, Any]:
@@ -102,6 +105,11 @@ def format_trace(trace: pb.RouteTrace) -> str:
         f"{len(trace.handoffs)} handoff(s), {trace.num_retries} retr"
         + ("y" if trace.num_retries == 1 else "ies")
     ]
+    if trace.deeper_for_load_from:
+        lines.append(
+            f"  load     exit {trace.deeper_for_load_from} had no room: started deeper, "
+            f"at exit {trace.spans[0].exit if trace.spans else '?'}"
+        )
     lines.extend(format_gate(g) for g in trace.gate)
     for span in trace.spans:
         lines.append(

@@ -43,6 +43,8 @@ class Behaviour:
     token_delay_s: float = 0.0
     die_after: int | None = None  # abort UNAVAILABLE after this many tokens on one stream
     num_deaths: int = 1  # how many streams die that way
+    hang_after: int | None = None  # go silent (a hung node) after this many tokens, once,
+    hang_s: float = float("inf")  # for this long (or until the caller gives up)
     error: tuple[grpc.StatusCode, str] | None = None  # Generate fails with this at once
     resume_error: tuple[grpc.StatusCode, str] | None = None
     fail_push: bool = False
@@ -115,6 +117,11 @@ class FakeNode(pb_grpc.NodeServicer):
                     behaviour.num_deaths -= 1
                 if dies:
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} crashed")
+            if behaviour.hang_after is not None and num_emitted == behaviour.hang_after:
+                behaviour.hang_after = None
+                until = time.monotonic() + behaviour.hang_s
+                while context.is_active() and time.monotonic() < until:
+                    time.sleep(0.05)
             time.sleep(behaviour.token_delay_s)
             if not context.is_active():
                 with self._lock:

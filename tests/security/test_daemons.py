@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import threading
 import time
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -49,6 +51,9 @@ def cluster(tmp_path_factory):
         pytest.skip("no non-loopback address to listen on")
     template = TOPOLOGY.replace("listen: 127.0.0.1:{edge}", f"listen: {ip}:{{edge}}")
     template = template.replace("listen: 127.0.0.1:{cloud}", f"listen: {ip}:{{cloud}}")
+    template = template.replace(
+        "  grace_period_s: 5", "  grace_period_s: 5\n  stream_idle_timeout_s: 2"
+    )
     old = os.environ.get(CLUSTER_SECRET_ENV)
     os.environ[CLUSTER_SECRET_ENV] = SECRET  # the children inherit it
     try:
@@ -247,3 +252,54 @@ def test_drain_and_undo_from_the_cli(cluster):
     assert undone.returncode == 0, undone.stderr
     assert not stub.Info(pb.InfoRequest(), timeout=5).draining
     assert len(generate(stub)) == 4
+
+
+def test_a_burst_goes_deeper_instead_of_failing(cluster):
+    """48 easy requests at once: edge-0 (batch 8) takes what it can run soon, the rest start
+    deeper on cloud-0; none is refused as UNAVAILABLE while a node that can serve is up."""
+
+    def one(_: int) -> str:
+        with RouterClient(cluster.addr["router"], timeout=300) as client:
+            try:
+                done = client.complete("Hi there!", max_tokens=4)
+            except grpc.RpcError as exc:
+                return exc.code().name
+        return "deeper" if done.trace.deeper_for_load_from else "planned"
+
+    with ThreadPoolExecutor(48) as pool:
+        outcomes = list(pool.map(one, range(48)))
+    assert set(outcomes) <= {"planned", "deeper", "RESOURCE_EXHAUSTED"}, outcomes
+    assert outcomes.count("deeper") > 0 and outcomes.count("planned") > 0
+
+
+def test_a_stopped_node_is_failed_over_and_new_requests_go_deeper(cluster):
+    pid = cluster.children["edge-0"].pid
+    client = RouterClient(cluster.addr["router"], timeout=120)
+    chunks, stopped_at = [], None
+    try:
+        for chunk in client.generate("Hi there!", max_tokens=24):
+            chunks.append(chunk)
+            if stopped_at is None and sum(len(c.token_ids) for c in chunks) >= 2:
+                assert chunk.source.node == "edge-0"
+                os.kill(pid, signal.SIGSTOP)  # hung: the process holds its sockets, silent
+                stopped_at = time.monotonic()
+        resumed_s = time.monotonic() - stopped_at
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert len(tokens) == 24
+        assert [c.token_offset for c in chunks if c.token_ids] == list(range(24))
+        trace = chunks[-1].trace
+        assert trace.num_retries == 1 and trace.spans[-1].node == "cloud-0"
+        assert resumed_s < 2 + 15  # the idle timeout, then the rest on cloud-0
+        time.sleep(2.0)  # failed health checks in a row take edge-0 down
+        started = time.monotonic()
+        done = client.complete("Hi there!", max_tokens=4)
+        assert time.monotonic() - started < 10  # it never waited on the stopped node
+        assert done.sources[0].node == "cloud-0" and done.trace.deeper_for_load_from == 12
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        client.close()
+    with RouterClient(cluster.addr["router"], timeout=30) as client:
+        wait = time.monotonic() + 30
+        while not all(n.healthy for n in client.list_nodes()):
+            assert time.monotonic() < wait, "edge-0 did not come back"
+            time.sleep(0.2)
