@@ -3,7 +3,8 @@
 router-added time to first token vs calling the node directly (1/16/64 concurrent streams),
 through the router's gRPC API and its OpenAI HTTP API (a streamed `/v1/completions`, same
 prompt and exit), handoff `hidden` vs `tokens` (bytes, milliseconds) at 128/512/2048 tokens of
-context, and the requests/s the router sustains."""
+context, and the requests/s the router sustains. `--engine`: the same through a `backend:
+openai` node in front of a llama.cpp server vs that server directly (bench/cluster_engine.py)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     p.add_argument("--contexts", default="128,512,2000", help="handoff context lengths")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--engine",
+        action="store_true",
+        help="router + openai node vs a llama.cpp server directly (needs the engines extra)",
+    )
+    p.add_argument("--engine-streams", default="1,16", help="--engine: concurrency levels")
+    p.add_argument("--max-tokens", type=int, default=16, help="--engine: tokens per request")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -156,6 +164,10 @@ def router_throughput(addr: str, requests: int, streams: int = 16) -> dict[str, 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine:
+        from ruyiflow.bench.cluster_engine import run_engine
+
+        return run_engine(args)
     from ruyiflow.local_cluster import start_local_cluster
 
     with tempfile.TemporaryDirectory() as tmp:

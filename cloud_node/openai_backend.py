@@ -95,7 +95,7 @@ class OpenAIBackend:
         self._tasks: dict[str, asyncio.Task] = {}
         self._jobs: dict[str, _Job] = {}
         self._num_queued = 0
-        self._last_progress = float("-inf")  # monotonic time of the last chunk of any stream
+        self._last_progress = float("-inf")  # monotonic: the engine's last poll answer or chunk
         self._parked: dict[str, tuple[bytes, float]] = {}
         self._lock = threading.Lock()
 
@@ -138,6 +138,7 @@ class OpenAIBackend:
         while True:
             try:
                 ids = await self.client.model_ids(HEALTH_TIMEOUT_S)
+                self._last_progress = time.monotonic()
                 if self.spec.served_model not in ids:
                     raise NodeUnavailable(f"it serves {ids}, not {self.spec.served_model!r}")
                 if not self.is_up:
@@ -153,9 +154,11 @@ class OpenAIBackend:
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
     def _is_progressing(self) -> bool:
-        """Some stream got a chunk within the read timeout: the engine is busy, not down."""
-        recent = time.monotonic() - self._last_progress < self.spec.timeout_s
-        return bool(self._jobs) and recent
+        """The engine answered a poll or sent a chunk within the read timeout: it is busy, not
+        down. llama.cpp's server answers `/v1/models` only between two requests, so one busy
+        with other clients' streams (or ours) stays up; one that accepts connections and then
+        never answers goes down `timeout_s` after its last answer."""
+        return time.monotonic() - self._last_progress < self.spec.timeout_s
 
     def facts(self) -> BackendFacts:
         """What Info reports: where confidence comes from and the prefill speed, both known

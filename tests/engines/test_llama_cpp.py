@@ -2,11 +2,13 @@
 `backend: openai` cloud node, beside a torch edge node, all started by `ruyiflow up`'s
 Cluster on loopback: routed greedy text equals the server called directly, an escalation from
 the edge continues there with no token lost or repeated, a client that goes away frees the
-engine, and killing the engine mid-stream fails over (then `up` restarts it)."""
+engine, an engine busy with another client's request stays serving, and killing the engine
+mid-stream fails over (then `up` restarts it)."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 
@@ -98,6 +100,28 @@ def test_a_client_that_goes_away_frees_the_engine(cluster):
     started = time.monotonic()
     direct(cluster, "Hello", 1)  # llama.cpp's server runs one request at a time
     assert time.monotonic() - started < 5, "the cancelled request kept the engine busy"
+
+
+def test_an_engine_busy_with_another_client_stays_serving(cluster):
+    """llama.cpp's server answers /v1/models only between requests: another client's request
+    holding the health poll past its timeout is busy, not down (down takes `timeout_s`, 30 s,
+    with no answer). The request is sized to last ~8 s at the machine's current speed."""
+    counting = ", ".join(str(i) for i in range(1, 21)) + ","  # goes on counting, no EOS
+    started = time.monotonic()
+    direct(cluster, counting, 8)
+    per_token = (time.monotonic() - started) / 8
+    num_tokens = max(16, min(1500, int(8 / per_token)))
+    other = threading.Thread(target=direct, args=(cluster, counting, num_tokens))
+    started = time.monotonic()
+    other.start()
+    healthy = []
+    with RouterClient(cluster.addr["router"]) as client:
+        while other.is_alive():
+            time.sleep(0.5)
+            healthy.append({n.name: n.healthy for n in client.list_nodes()}["cloud-llama"])
+    busy_s = time.monotonic() - started
+    assert busy_s > 4, f"{num_tokens} tokens took {busy_s:.1f} s: too short to hold a poll"
+    assert all(healthy), f"NOT_SERVING while busy for {busy_s:.1f} s: {healthy}"
 
 
 def test_killing_the_engine_mid_stream_fails_over_and_up_restarts_it(cluster):
