@@ -16,6 +16,7 @@ re-exported under `<op>_triton` / `<op>_reference`. Note that `kernels.exit_conf
 from __future__ import annotations
 
 import torch
+
 from ruyiflow.kernels.dispatch import has_triton, kernel_mode, use_triton
 from ruyiflow.kernels.exit_confidence import exit_confidence as exit_confidence_triton
 from ruyiflow.kernels.exit_confidence import exit_confidence_reference
@@ -96,8 +97,13 @@ def fused_moe(
     w_down: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    validate_ids: bool = True,
 ) -> torch.Tensor:
-    """Routed experts' output [T, H] in x's dtype: sum_j w[t, j] * expert_{ids[t, j]}(x[t])."""
+    """Routed experts' output [T, H] in x's dtype: sum_j w[t, j] * expert_{ids[t, j]}(x[t]).
+    `validate_ids=False` skips the Triton path's range check of the ids (a device sync): for
+    ids straight from the router, e.g. in a served step or a CUDA graph."""
     if use_triton(x):
-        return fused_moe_triton(x, w_gate_up, w_down, topk_weights, topk_ids)
+        return fused_moe_triton(
+            x, w_gate_up, w_down, topk_weights, topk_ids, validate_ids=validate_ids
+        )
     return fused_moe_reference(x, w_gate_up, w_down, topk_weights, topk_ids)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from ruyiflow.kernels.dispatch import cdiv, check_launchable, dot_upcast, triton_jit
 
 # triton.language, bound by @triton_jit on the first launch (triton is imported lazily).

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from ruyiflow.kernels.dispatch import check_launchable, next_power_of_2, triton_jit
 
 # triton.language, bound by @triton_jit on the first launch (triton is imported lazily).

@@ -107,7 +107,8 @@ class MoEFFN:
                 shared = torch.arange(e, e + self.num_shared_slots, device=x.device)
                 ids = torch.cat([ids, shared.expand(num_tokens, -1)], dim=1)
                 weights = torch.cat([weights, weights.new_ones(num_tokens, shared.numel())], 1)
-            y = fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
+            # ids come from the router's top-k: in range, no device sync to check them
+            y = fused_moe(x, self.w_gate_up, self.w_down, weights, ids, validate_ids=False)
         return y + self.shared(x) if self.shared is not None else y
 
     def _one_token(self, x: torch.Tensor, weights: list[float], ids: list[int]) -> torch.Tensor:

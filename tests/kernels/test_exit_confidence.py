@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from ruyiflow.kernels.exit_confidence import exit_confidence, exit_confidence_reference
 
 from ruyiflow import kernels
+from ruyiflow.kernels.exit_confidence import exit_confidence, exit_confidence_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NEG_INF = float("-inf")

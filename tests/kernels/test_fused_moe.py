@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from ruyiflow.kernels.fused_moe import fused_moe, fused_moe_reference, moe_align_block_size
-from ruyiflow.kernels.moe_routing import route_experts, route_experts_reference
 
 from ruyiflow import kernels
+from ruyiflow.kernels.fused_moe import fused_moe, fused_moe_reference, moe_align_block_size
+from ruyiflow.kernels.moe_routing import route_experts, route_experts_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

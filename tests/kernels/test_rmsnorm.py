@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-from ruyiflow.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 
 from ruyiflow import kernels
+from ruyiflow.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = [(1, 64), (3, 100), (2, 5, 96), (37, 257)]
