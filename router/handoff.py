@@ -61,10 +61,13 @@ class RelayFeed:
     """Source `FetchState` parts as a request iterator for the destination's `Resume`, unchanged
     except header.to_exit; counts bytes and remembers whether the *source* broke."""
 
-    def __init__(self, source: str, fetch: grpc.Call, to_exit: int) -> None:
+    def __init__(
+        self, source: str, fetch: grpc.Call, to_exit: int, request: pb.GenerateRequest | None = None
+    ) -> None:
         self.source = source
         self.fetch = fetch
         self.to_exit = to_exit
+        self.request = request  # settings to continue with (header.request), if given
         self.num_bytes = 0
         self.source_error: grpc.RpcError | None = None
         self._lock = threading.Lock()
@@ -74,6 +77,8 @@ class RelayFeed:
             for part in self.fetch:
                 if part.WhichOneof("part") == "header":
                     part.header.to_exit = self.to_exit
+                    if self.request is not None:
+                        part.header.request.CopyFrom(self.request)
                 with self._lock:
                     self.num_bytes += part.ByteSize()
                 yield part
@@ -174,9 +179,17 @@ class HandoffPlanner:
         log.debug("handoff %s -> %s: %s", source, to_node, decision.as_dict())
         return Move(to_node, to_tier, target.exit, decision.mode, decision)
 
-    def transfer(self, source: str, handle: str, move: Move, request_id: str) -> Transfer:
+    def transfer(
+        self,
+        source: str,
+        handle: str,
+        move: Move,
+        request_id: str,
+        request: pb.GenerateRequest | None = None,
+    ) -> Transfer:
         """Push the state source → destination and open Resume there; if the push fails, relay
-        FetchState parts into Resume. Errors of the Resume stream surface when it is read."""
+        FetchState parts into Resume. Errors of the Resume stream surface when it is read.
+        `request`: the settings the destination continues with (its escalation and gate)."""
         ref = pb.StateRef(
             state_handle=handle, mode=HANDOFF_MODE.value(move.mode), to_exit=move.to_exit
         )
@@ -201,8 +214,9 @@ class HandoffPlanner:
                     mode=ref.mode,
                     to_exit=move.to_exit,
                     transfer_id=transfer_id,
+                    request=request,
                 )
                 parts = [pb.ResumeRequest(header=header), pb.ResumeRequest(end=pb.StateEnd())]
                 return Transfer(dest_stub.Resume(iter(parts)), True, reply.num_bytes)
-        feed = RelayFeed(source, self.registry.stub(source).FetchState(ref), move.to_exit)
+        feed = RelayFeed(source, self.registry.stub(source).FetchState(ref), move.to_exit, request)
         return Transfer(dest_stub.Resume(iter(feed)), False, feed=feed)

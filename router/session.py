@@ -295,7 +295,14 @@ class RequestSession:
             placement = self._generate(move.to_node, move.to_exit, pending)
             placement.move_reason = reason
             return placement
-        transfer = self.planner.transfer(placement.node, needed.state_handle, move, self.request_id)
+        restart = None
+        if reason == pb.HANDOFF_REASON_GATE and not self.relayed:
+            # the gate moved the prompt before any token: the destination starts it as a
+            # request routed there would (its gate looks again, escalation as configured)
+            restart = node_request(self.request, self.request_id, self.topology, move.to_exit, [])
+        transfer = self.planner.transfer(
+            placement.node, needed.state_handle, move, self.request_id, restart
+        )
         pending = PendingMove(
             placement.node,
             placement.tier,
