@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from ruyiflow.cluster.errors import PermissionDenied, Unauthenticated
+from ruyiflow.cluster.tls import TlsFiles, channel_credentials, tls_files
 
 CLUSTER_SECRET_ENV = "RUYIFLOW_CLUSTER_SECRET"
 SECRET_KEY = "ruyiflow-cluster-secret"
@@ -87,11 +88,10 @@ def is_loopback_peer(peer: str) -> bool:
 
 
 def tls_identity(context: grpc.ServicerContext) -> str | None:
-    """The identity of a verified client certificate: its first DNS name ("edge-0"), else its
-    common name; None without one."""
+    """The identity of a verified client certificate: its common name ("edge-0"); None
+    without one (grpc puts only verified peers' names in the auth context)."""
     auth = context.auth_context() or {}
-    names = auth.get("x509_subject_alternative_name") or auth.get("x509_common_name") or []
-    for name in names:
+    for name in auth.get("x509_common_name") or []:
         text = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
         if text:
             return text
@@ -267,26 +267,39 @@ def present_caller(
 
 @dataclass(frozen=True)
 class Dialer:
-    """How one process of the cluster opens channels to the others: as `name`, with the
-    cluster secret on plaintext channels."""
+    """How one process of the cluster opens channels to the others: as `name`, over mTLS
+    with its certificate when `tls` is set, else in plaintext with the cluster secret."""
 
     name: str
     secret: bytes | None = None
+    tls: TlsFiles | None = None
 
-    def channel(self, target: str, options: Iterable[tuple[str, Any]] = ()) -> grpc.Channel:
-        channel = grpc.insecure_channel(target, options=list(options))
-        return present_caller(channel, self.name, self.secret)
+    def channel(
+        self, target: str, options: Iterable[tuple[str, Any]] = (), peer: str | None = None
+    ) -> grpc.Channel:
+        """A channel to `target`; under mTLS the server must prove it is `peer` (its name in
+        the topology; None: the target's host)."""
+        options = list(options)
+        if self.tls is None:
+            channel = grpc.insecure_channel(target, options=options)
+        else:
+            if peer is not None:
+                options.append(("grpc.ssl_target_name_override", peer))
+            channel = grpc.secure_channel(target, channel_credentials(self.tls), options=options)
+        return present_caller(channel, self.name, self.secret, use_tls=self.tls is not None)
 
 
 def node_security(topology: Any, name: str) -> tuple[AccessPolicy, Dialer, dict[str, str]]:
-    """What node `name` of `topology` needs: the policy for its callers, its dialer (for
-    pushes) and the addresses it may push to (every other node's listen address)."""
+    """What node `name` of `topology` needs: the policy for its callers (topology identities
+    by certificate under mTLS), its dialer (for pushes) and the addresses it may push to
+    (every other node's listen address, with that node's name)."""
     names = [n.name for n in topology.nodes]
     secret = cluster_secret()
     peers = {n.listen: n.name for n in topology.nodes if n.name != name}
-    return AccessPolicy(names, secret), dialer_for(topology, name), peers
+    policy = AccessPolicy(names, secret, use_tls=topology.tls is not None)
+    return policy, dialer_for(topology, name), peers
 
 
 def dialer_for(topology: Any, name: str) -> Dialer:
     """The dialer of process `name` (router, a node, operator) of `topology`."""
-    return Dialer(name, cluster_secret())
+    return Dialer(name, cluster_secret(), tls_files(topology, name))

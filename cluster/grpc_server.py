@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ruyiflow.cluster.errors import NodeUnavailable, PortInUse, RetryLater
 from ruyiflow.cluster.grpc_errors import ErrorMappingInterceptor
+from ruyiflow.cluster.tls import warn_if_exposed
 from ruyiflow.proto import ruyiflow_pb2
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20  # handoff parts are <= 3 MiB; headers carry token lists
@@ -113,10 +114,12 @@ def serve_grpc(
     max_workers: int = DEFAULT_MAX_WORKERS,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     field: str = "listen",
+    credentials: grpc.ServerCredentials | None = None,
 ) -> GrpcServer:
     """Start a server on `address` (port 0 picks a free one) with the servicers, grpc.health.v1
     (NOT_SERVING until `set_serving(True)`), server reflection and the error interceptor.
-    `field` names the topology entry of the address, for `PortInUse` when it cannot be bound."""
+    `field` names the topology entry of the address, for `PortInUse` when it cannot be bound.
+    `credentials`: TLS (`cluster.tls`); without them a listener beyond loopback is warned of."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=[ErrorMappingInterceptor(), *interceptors],
@@ -131,7 +134,11 @@ def serve_grpc(
         (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            warn_if_exposed(address, field)
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError:
         port = 0
     if port == 0:  # grpc says no more than that; a taken port is by far the usual cause

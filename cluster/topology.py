@@ -349,6 +349,21 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
+class TlsSpec:
+    """mTLS between every daemon and TLS for clients (`cluster.tls`). `dir` (relative to the
+    topology file) holds `ca.pem` and, for each process (`router`, every node, `operator` for
+    the command line), `<name>.pem` and `<name>-key.pem`, as `ruyiflow certs` writes them.
+    Nodes always ask for a client certificate; `require_client_cert` says whether the router's
+    clients (gRPC, the OpenAI API, /metrics) must present one too."""
+
+    dir: str
+    require_client_cert: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dir), "dir", "must not be empty")
+
+
+@dataclass(frozen=True)
 class Topology:
     """The whole cluster. Load with `Topology.load(path)`; never mutated at run time."""
 
@@ -357,6 +372,7 @@ class Topology:
     router: RouterSpec
     links: tuple[LinkSpec, ...] = ()
     source: str = field(default="<topology>", compare=False)
+    tls: TlsSpec | None = None
 
     def __post_init__(self) -> None:
         models = {}

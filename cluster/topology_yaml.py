@@ -22,10 +22,17 @@ from typing import Any
 import yaml
 
 from ruyiflow.cluster.errors import TopologyError
-from ruyiflow.cluster.topology import LinkSpec, ModelSpec, NodeSpec, RouterSpec, Topology
+from ruyiflow.cluster.topology import (
+    LinkSpec,
+    ModelSpec,
+    NodeSpec,
+    RouterSpec,
+    TlsSpec,
+    Topology,
+)
 from ruyiflow.cluster.units import parse_bandwidth
 
-_TOP_KEYS = ("models", "nodes", "router", "links")
+_TOP_KEYS = ("models", "nodes", "router", "links", "tls")
 _PARSERS = {(LinkSpec, "bandwidth"): parse_bandwidth}  # fields that accept a string spelling
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
 
@@ -94,8 +101,9 @@ class _Builder:
         nodes = self.build_list(NodeSpec, top["nodes"][1], "nodes")
         router = self.build(RouterSpec, top["router"][1], "router")
         links = self.build_list(LinkSpec, top["links"][1], "links") if "links" in top else ()
+        tls = self.build(TlsSpec, top["tls"][1], "tls") if "tls" in top else None
         try:
-            return Topology(models, nodes, router, links, source=self.source)
+            return Topology(models, nodes, router, links, source=self.source, tls=tls)
         except TopologyError as exc:
             raise self.error(exc.path, exc.problem) from None
 

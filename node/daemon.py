@@ -14,6 +14,7 @@ from ruyiflow.cluster.access import AccessInterceptor, node_security
 from ruyiflow.cluster.errors import TopologyError
 from ruyiflow.cluster.grpc_server import serve_grpc, service_name
 from ruyiflow.cluster.metrics_http import serve_registry
+from ruyiflow.cluster.tls import server_credentials, tls_files
 from ruyiflow.cluster.topology import NodeSpec, Topology, onnx_dir_for
 from ruyiflow.cluster.units import format_address, parse_address
 from ruyiflow.engine.engine import Engine
@@ -108,8 +109,9 @@ def run_node(
             signal.signal(sig, lambda *_: stop.set())
 
     metrics = NodeMetrics(name, tier)
+    tls = tls_files(topology, name)  # mTLS: callers must show a certificate of the cluster CA
     metrics_server = serve_registry(
-        bind_address(spec.metrics), metrics.registry, f"nodes.{name}.metrics"
+        bind_address(spec.metrics), metrics.registry, f"nodes.{name}.metrics", tls, True
     )
     identity = NodeIdentity(
         name,
@@ -129,6 +131,7 @@ def run_node(
         [service_name("Node")],
         interceptors=[AccessInterceptor(access)],
         field=f"nodes.{name}.listen",
+        credentials=None if tls is None else server_credentials(tls, require_client_cert=True),
     )
     log.info("%s: listening on %s, loading model %s", name, spec.listen, model_spec.path)
     opened = open_backend(topology, spec)

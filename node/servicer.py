@@ -381,7 +381,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         data = self._export(request.state)
         header = header_for(data, "", request.state.to_exit, transfer_id=request.transfer_id)
         started = time.perf_counter()
-        with self.dialer.channel(request.destination, channel_options()) as channel:
+        with self.dialer.channel(request.destination, channel_options(), peer=peer) as channel:
             stub = pb_grpc.NodeStub(channel)
             try:
                 stub.AcceptState(state_parts(header, data), timeout=60)

@@ -19,6 +19,7 @@ import grpc
 
 from ruyiflow.cluster.api_keys import client_key, key_metadata
 from ruyiflow.cluster.grpc_server import channel_options
+from ruyiflow.cluster.tls import TlsFiles, channel_credentials
 from ruyiflow.cluster.wire import FINISH_REASON, HANDOFF_MODE, TIER
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
@@ -118,15 +119,27 @@ def build_request(
 
 class RouterClient:
     """Talks to a router at `address`; `timeout` (seconds) bounds each call when given.
-    `api_key` (default: $RUYIFLOW_API_KEY) is sent as `authorization: Bearer ...`."""
+    `api_key` (default: $RUYIFLOW_API_KEY) is sent as `authorization: Bearer ...`. `tls`:
+    the CA (and a client certificate) of a router under TLS (`cluster.tls.tls_files`), whose
+    certificate must name `server_name`."""
 
     def __init__(
-        self, address: str, timeout: float | None = None, api_key: str | None = None
+        self,
+        address: str,
+        timeout: float | None = None,
+        api_key: str | None = None,
+        tls: TlsFiles | None = None,
+        server_name: str = "router",
     ) -> None:
         self.address = address
         self.timeout = timeout
         self._metadata = key_metadata(client_key(api_key))
-        self._channel = grpc.insecure_channel(address, options=channel_options())
+        if tls is None:
+            self._channel = grpc.insecure_channel(address, options=channel_options())
+        else:
+            options = [*channel_options(), ("grpc.ssl_target_name_override", server_name)]
+            credentials = channel_credentials(tls)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.RouterStub(self._channel)
 
     def generate(self, prompt: Prompt = None, **options: Any) -> Iterator[pb.Chunk]:

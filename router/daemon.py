@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ruyiflow.cluster.access import ROUTER
 from ruyiflow.cluster.api_keys import ApiKeys, api_key_guard
 from ruyiflow.cluster.errors import TopologyError
 from ruyiflow.cluster.grpc_server import (
@@ -30,6 +31,7 @@ from ruyiflow.cluster.grpc_server import (
     serve_grpc,
     service_name,
 )
+from ruyiflow.cluster.tls import server_credentials, tls_files
 from ruyiflow.cluster.topology import Topology
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 from ruyiflow.router.metrics import MetricsServer, RouterMetrics
@@ -74,6 +76,8 @@ class RouterDaemon:
         self._http_address = topology.router.http if http_address is None else http_address
         self._serve_metrics = serve_metrics
         self.api_keys = ApiKeys.from_env(topology.router.api_keys_env)
+        self.tls = tls_files(topology, ROUTER)
+        self._require_client_cert = topology.tls is not None and topology.tls.require_client_cert
         self.server: GrpcServer | None = None
         self.metrics_server: MetricsServer | None = None
         self.http_server: HttpServer | None = None
@@ -83,17 +87,23 @@ class RouterDaemon:
     def start(self) -> RouterDaemon:
         adders = [(pb_grpc.add_RouterServicer_to_server, self.servicer)]
         guards = [api_key_guard(self.api_keys)] if self.api_keys is not None else []
+        credentials = None
+        if self.tls is not None:
+            credentials = server_credentials(self.tls, self._require_client_cert)
         self.server = serve_grpc(
             adders,
             self._listen,
             [service_name("Router")],
             interceptors=guards,
             field="router.listen",
+            credentials=credentials,
         )
         self.registry.start()
         try:
             if self._serve_metrics:
-                self.metrics_server = self.metrics.serve(self._metrics_address)
+                self.metrics_server = self.metrics.serve(
+                    self._metrics_address, self.tls, self._require_client_cert
+                )
             if self._http_address:
                 self.http_server = self._serve_http(self._http_address)
         except OSError:
@@ -122,7 +132,13 @@ class RouterDaemon:
         # One thread per open request, as the gRPC server holds one per open stream.
         self._http_executor = ThreadPoolExecutor(DEFAULT_MAX_WORKERS, thread_name_prefix="openai")
         app = build_app(self.servicer, self._http_executor, self.api_keys)
-        return HttpServer(app, address, grace_s=STOP_GRACE_S).start()
+        return HttpServer(
+            app,
+            address,
+            grace_s=STOP_GRACE_S,
+            tls=self.tls,
+            require_client_cert=self._require_client_cert,
+        ).start()
 
     @property
     def port(self) -> int:

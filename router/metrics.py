@@ -21,6 +21,7 @@ from ruyiflow.cluster.metrics_http import (
     MetricsServer,
     serve_registry,
 )
+from ruyiflow.cluster.tls import TlsFiles
 from ruyiflow.cluster.topology import TIERS
 
 PREFIX = "ruyiflow_router_"
@@ -251,6 +252,9 @@ class RouterMetrics:
         """The text exposition format, as `/metrics` serves it."""
         return generate_latest(self.registry)
 
-    def serve(self, address: str) -> MetricsServer:
-        """Serve `/metrics` on `host:port` (port 0 picks a free one) in a daemon thread."""
-        return serve_registry(address, self.registry, field="router.metrics")
+    def serve(
+        self, address: str, tls: TlsFiles | None = None, require_client_cert: bool = False
+    ) -> MetricsServer:
+        """Serve `/metrics` on `host:port` (port 0 picks a free one) in a daemon thread,
+        over HTTPS with `tls`."""
+        return serve_registry(address, self.registry, "router.metrics", tls, require_client_cert)

@@ -8,6 +8,7 @@ reports the port it got.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 
@@ -15,6 +16,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from ruyiflow.cluster.errors import PortInUse
+from ruyiflow.cluster.tls import TlsFiles, warn_if_exposed
 from ruyiflow.cluster.units import parse_address
 
 START_TIMEOUT_S = 10.0
@@ -41,9 +43,25 @@ class HttpServer:
     """A running HTTP server for `app` on `address` (`host:port`, port 0 picks one)."""
 
     def __init__(
-        self, app: ASGIApp, address: str, field: str = "router.http", grace_s: float = 1.0
+        self,
+        app: ASGIApp,
+        address: str,
+        field: str = "router.http",
+        grace_s: float = 1.0,
+        tls: TlsFiles | None = None,
+        require_client_cert: bool = False,
     ) -> None:
         host, port = parse_address(address, allow_zero=True)
+        ssl_options: dict = {}
+        if tls is None:
+            warn_if_exposed(address, field)
+        else:  # HTTPS; with require_client_cert, clients show a certificate of the cluster CA
+            ssl_options = {
+                "ssl_certfile": str(tls.cert),
+                "ssl_keyfile": str(tls.key),
+                "ssl_ca_certs": str(tls.ca),
+                "ssl_cert_reqs": ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE,
+            }
         try:
             self._socket = _listen(host, port)
         except OSError as exc:
@@ -56,6 +74,7 @@ class HttpServer:
             ws="none",
             timeout_keep_alive=KEEP_ALIVE_S,
             timeout_graceful_shutdown=max(1, round(grace_s)),
+            **ssl_options,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(

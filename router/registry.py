@@ -98,20 +98,22 @@ class NodeRegistry:
         for spec in topology.nodes:
             name = dns_host(spec.listen)
             ips = tuple(resolver(*name)) if name is not None else ()
-            channel, stub, health_stub = self._connect(spec.listen, ips)
+            channel, stub, health_stub = self._connect(spec.listen, ips, spec.name)
             self._nodes[spec.name] = NodeState(spec, channel, stub, health_stub, ips=ips)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _connect(
-        self, address: str, ips: tuple[str, ...]
-    ) -> tuple[grpc.Channel, pb_grpc.NodeStub, health_pb2_grpc.HealthStub]:
+        self, address: str, ips: tuple[str, ...], name: str
+    ) -> tuple[_ChannelPair, pb_grpc.NodeStub, health_pb2_grpc.HealthStub]:
         target, extra = channel_target(address, list(ips))
         options = [*channel_options(), *extra]
-        channel = self._dialer.channel(target, options)
+        channel = self._dialer.channel(target, options, peer=name)
         # Health checks on a connection of their own: a connection busy with streams (flow
         # control, a long queue of frames) never delays them.
-        health = self._dialer.channel(target, [*options, ("grpc.use_local_subchannel_pool", 1)])
+        health = self._dialer.channel(
+            target, [*options, ("grpc.use_local_subchannel_pool", 1)], peer=name
+        )
         pair = _ChannelPair(channel, health)
         return pair, pb_grpc.NodeStub(channel), health_pb2_grpc.HealthStub(health)
 
@@ -124,7 +126,7 @@ class NodeRegistry:
             ips = tuple(self._resolver(*host)) if host is not None else ()
             if not ips or ips == node.ips:
                 continue
-            channel, stub, health_stub = self._connect(node.spec.listen, ips)
+            channel, stub, health_stub = self._connect(node.spec.listen, ips, name)
             with self._lock:
                 self._retired.append((node.channel, now + RETIRED_CHANNEL_S))
                 node.channel, node.stub, node.health_stub, node.ips = (

@@ -20,6 +20,7 @@ COMMANDS = {
     "up": ("ruyiflow.cmd_up", "start every process of a topology on this machine"),
     "query": ("ruyiflow.cmd_query", "send a prompt to the router and print the route trace"),
     "drain": ("ruyiflow.cmd_drain", "stop a node admitting new requests (--undo: admit again)"),
+    "certs": ("ruyiflow.cmd_certs", "make a development CA and a certificate per process (mTLS)"),
     "export-onnx": ("ruyiflow.cmd_export_onnx", "export a branch as ONNX for onnxruntime nodes"),
     "convert-branch": (
         "ruyiflow.cmd_convert_branch",

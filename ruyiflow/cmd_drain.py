@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         names = ", ".join(n.name for n in topology.nodes)
         print(f"ruyiflow drain: no node {args.node!r} (nodes: {names})", file=sys.stderr)
         return 2
-    with dialer_for(topology, OPERATOR).channel(spec.listen) as channel:
+    with dialer_for(topology, OPERATOR).channel(spec.listen, peer=spec.name) as channel:
         try:
             reply = pb_grpc.NodeStub(channel).Drain(
                 pb.DrainRequest(undo=args.undo), timeout=args.timeout

@@ -34,6 +34,18 @@ def router_address(args: argparse.Namespace) -> str:
     return load_topology(args.topology).router.listen
 
 
+def client_tls(args: argparse.Namespace):  # noqa: ANN201
+    """The operator's TLS files when the topology (if it exists) has a `tls:` block."""
+    from pathlib import Path
+
+    from ruyiflow.cluster.tls import tls_files
+    from ruyiflow.cluster.topology_yaml import load_topology
+
+    if not Path(args.topology).is_file():
+        return None
+    return tls_files(load_topology(args.topology), "operator")
+
+
 def run(args: argparse.Namespace) -> int:
     from ruyiflow.router.client import RouterClient, format_trace, trace_to_dict
 
@@ -48,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         enable_thinking=None if args.thinking is None else args.thinking == "on",
         raw=args.raw,
     )
-    with RouterClient(router_address(args)) as client:
+    with RouterClient(router_address(args), tls=client_tls(args)) as client:
         if args.json:
             result = client.complete(args.prompt, **options)
             print(

@@ -50,12 +50,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def health(address: str, timeout: float = 1.0) -> str:
-    """SERVING / NOT_SERVING / UNREACHABLE for a gRPC health endpoint."""
+def health(address: str, timeout: float = 1.0, dialer=None, peer: str | None = None) -> str:  # noqa: ANN001
+    """SERVING / NOT_SERVING / UNREACHABLE for a gRPC health endpoint; `dialer`
+    (`cluster.access.Dialer`) for a cluster under mTLS, `peer` the name it must prove."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    channel = (
+        grpc.insecure_channel(address) if dialer is None else dialer.channel(address, peer=peer)
+    )
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
@@ -114,7 +118,13 @@ class Cluster:
         self.specs = [(c.name, c.argv, c.listen) for c in children]
         self.log_dir = log_dir
         self.stop_event = stop_event or threading.Event()
-        engines = engine_processes(load_topology(topology_path), log_dir)
+        topology = load_topology(topology_path)
+        self.dialer = None  # under mTLS, health checks show the operator's certificate
+        if topology.tls is not None:
+            from ruyiflow.cluster.access import OPERATOR, dialer_for
+
+            self.dialer = dialer_for(topology, OPERATOR)
+        engines = engine_processes(topology, log_dir)
         self.engines = EngineSupervisor([e for e in engines if not only or e.node in only])
 
     @property
@@ -152,7 +162,9 @@ class Cluster:
         while True:
             self._check_stop()
             states = {e.name: engine_state(e) for e in self.engines.engines}
-            states.update({name: health(addr) for name, _, addr in self.specs})
+            states.update(
+                {name: health(addr, 1.0, self.dialer, name) for name, _, addr in self.specs}
+            )
             given_up = self.supervise()
             if given_up:
                 raise RuntimeError(
@@ -182,7 +194,10 @@ class Cluster:
             return True
         keys_env = load_topology(self.topology_path).router.api_keys_env
         metadata = key_metadata(client_key(None, keys_env))
-        with grpc.insecure_channel(router[0]) as channel:
+        channel = grpc.insecure_channel(router[0])
+        if self.dialer is not None:
+            channel = self.dialer.channel(router[0], peer="router")
+        with channel:
             try:
                 reply = pb_grpc.RouterStub(channel).ListNodes(
                     pb.ListNodesRequest(), timeout=2, metadata=metadata
@@ -204,7 +219,7 @@ def engine_state(engine: EngineProcess) -> str:
     return "STARTING" if engine.is_alive() else "EXITED"
 
 
-def demo(router_address: str, api_key: str | None = None) -> None:
+def demo(router_address: str, api_key: str | None = None, tls=None) -> None:  # noqa: ANN001
     from ruyiflow.router.client import RouterClient, format_trace
 
     print(
@@ -212,7 +227,7 @@ def demo(router_address: str, api_key: str | None = None) -> None:
         "followed by its route (difficulty score, then the node, tier and exit of each span)",
         flush=True,
     )
-    with RouterClient(router_address, api_key=api_key) as client:
+    with RouterClient(router_address, api_key=api_key, tls=tls) as client:
         for prompt in DEMO_PROMPTS:
             print(f"\n>>> {prompt}", flush=True)
             result = client.complete(prompt, max_tokens=48)
@@ -247,9 +262,12 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.demo:
             from ruyiflow.cluster.api_keys import client_key
+            from ruyiflow.cluster.tls import tls_files
             from ruyiflow.cluster.topology_yaml import load_topology
 
-            demo(router, client_key(None, load_topology(args.topology).router.api_keys_env))
+            topology = load_topology(args.topology)
+            key = client_key(None, topology.router.api_keys_env)
+            demo(router, key, tls_files(topology, "operator"))
             if args.exit_after_demo:
                 return 0
         while not stop.wait(0.5):
