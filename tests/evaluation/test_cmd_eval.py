@@ -72,3 +72,57 @@ def test_routing_needs_a_result_for_every_prompt(tmp_path, prompt_file):
     (tmp_path / "r.jsonl").write_text("")
     with pytest.raises(InvalidRequest, match="no records"):
         run("routing", "--prompts", str(prompt_file), "--results", str(tmp_path / "r.jsonl"))
+
+
+GATED = """
+models: {{tiny: {{path: "{path}"}}}}
+nodes:
+  - {{name: e, tier: edge, listen: '127.0.0.1:1', metrics: '127.0.0.1:2', model: tiny,
+     exits: [1, 2]}}
+  - {{name: c, tier: cloud, listen: '127.0.0.1:3', metrics: '127.0.0.1:4', model: tiny,
+     exits: [4]}}
+router:
+  listen: 127.0.0.1:5
+  metrics: 127.0.0.1:6
+  http: ''
+  thresholds: [{{below: 0.35, exit: 1}}, {{below: 0.5, exit: 2}}, {{exit: 4}}]
+  escalation:
+    enabled: true
+    calibration:
+      {{eps: 0.3, delta: 0.1, n: 50, date: x, fingerprint: "{fingerprint}",
+       exits: [{{exit: 1, measure: max_prob, threshold: {threshold}}},
+               {{exit: 2, measure: max_prob, threshold: null}}]}}
+"""
+
+
+def test_routing_reports_the_default_policy(tiny_dir, prompt_file, tmp_path, capsys):
+    from ruyiflow.evaluation.features import load_first_tokens
+
+    out, features = tmp_path / "results.jsonl", tmp_path / "results.features.npz"
+    common = ["--model", str(tiny_dir), "--max-tokens", "4"]
+    argv = ["--prompts", str(prompt_file), "--out", str(out), "--features", str(features)]
+    assert run("exits", *argv, *common) == 0
+    fingerprint = load_results(out)[0].fingerprint
+    table = load_first_tokens(features, fingerprint)
+    # the heuristic sends f1, a1, c1 to exit 1 (certified: 2 of the 3 pass) and k1 to exit 2
+    # (certified nothing: it starts at 4)
+    threshold = float(sorted(table.measure("max_prob", i, 1) for i in ("f1", "a1", "c1"))[1])
+    topology = tmp_path / "topology.yaml"
+    text = GATED.format(path=tiny_dir, fingerprint=fingerprint, threshold=threshold)
+    topology.write_text(text)
+    routing = ["routing", "--prompts", str(prompt_file), "--results", str(out), "--no-escalation"]
+    assert run(*routing, "--topology", str(topology), "--seeds", "5") == 0
+    printed = capsys.readouterr().out
+    rows = printed.split("policy ")[1].splitlines()
+    assert rows[1].startswith("default ") and "max_prob-gate" in rows[2]
+    assert "default: realised disagreement " in printed and "vs calibrated eps 0.3" in printed
+    assert "of always-deepest's" in printed and "default: APGR " in printed
+    assert run(*routing, "--topology", str(topology), "--json", "--quality", "answer") == 0
+    default = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert default["policy"] == "default" and default["quality"] == "answer"
+    (point,) = default["points"]
+    assert point["cloud_share"] == 0.5 and point["compute"] < 1.0
+    # a calibration for other weights is refused, as a node would refuse it
+    topology.write_text(text.replace(fingerprint, "0" * len(fingerprint)))
+    with pytest.raises(ModelMismatch, match="calibrate again|Calibrate again"):
+        run(*routing, "--topology", str(topology))
