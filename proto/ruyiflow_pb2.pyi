@@ -141,7 +141,7 @@ class EscalationSettings(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., window: _Optional[int] = ..., threshold: _Optional[float] = ..., force_after_tokens: _Optional[int] = ..., force_to_exit: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "conversation", "text", "token_ids", "sampling", "enable_thinking", "overrides", "escalation", "prefix_token_ids", "prefix_text")
+    __slots__ = ("request_id", "conversation", "text", "token_ids", "sampling", "enable_thinking", "overrides", "escalation", "prefix_token_ids", "prefix_text", "resume")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class GenerateRequest(_message.Message):
     ESCALATION_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TEXT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     conversation: Conversation
     text: str
@@ -162,7 +163,18 @@ class GenerateRequest(_message.Message):
     escalation: EscalationSettings
     prefix_token_ids: _containers.RepeatedScalarFieldContainer[int]
     prefix_text: str
-    def __init__(self, request_id: _Optional[str] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., enable_thinking: _Optional[bool] = ..., overrides: _Optional[_Union[Overrides, _Mapping]] = ..., escalation: _Optional[_Union[EscalationSettings, _Mapping]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., prefix_text: _Optional[str] = ...) -> None: ...
+    resume: ResumeFrom
+    def __init__(self, request_id: _Optional[str] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., enable_thinking: _Optional[bool] = ..., overrides: _Optional[_Union[Overrides, _Mapping]] = ..., escalation: _Optional[_Union[EscalationSettings, _Mapping]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., prefix_text: _Optional[str] = ..., resume: _Optional[_Union[ResumeFrom, _Mapping]] = ...) -> None: ...
+
+class ResumeFrom(_message.Message):
+    __slots__ = ("token_ids", "text", "resume_token")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    resume_token: bytes
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., resume_token: _Optional[bytes] = ...) -> None: ...
 
 class TokenConfidence(_message.Message):
     __slots__ = ("max_prob", "margin", "entropy")
@@ -287,7 +299,7 @@ class RouteTrace(_message.Message):
     def __init__(self, spans: _Optional[_Iterable[_Union[RouteSpan, _Mapping]]] = ..., handoffs: _Optional[_Iterable[_Union[HandoffRecord, _Mapping]]] = ..., difficulty: _Optional[float] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., num_retries: _Optional[int] = ..., gate: _Optional[_Iterable[_Union[GateCheck, _Mapping]]] = ..., deeper_for_load_from: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "confidence", "source", "token_offset", "finish_reason", "handoff", "trace", "num_prompt_tokens", "gate")
+    __slots__ = ("request_id", "text", "token_ids", "confidence", "source", "token_offset", "finish_reason", "handoff", "trace", "num_prompt_tokens", "gate", "resume_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -299,6 +311,7 @@ class Chunk(_message.Message):
     TRACE_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GATE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -310,7 +323,8 @@ class Chunk(_message.Message):
     trace: RouteTrace
     num_prompt_tokens: int
     gate: _containers.RepeatedCompositeFieldContainer[GateCheck]
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., confidence: _Optional[_Iterable[_Union[TokenConfidence, _Mapping]]] = ..., source: _Optional[_Union[Source, _Mapping]] = ..., token_offset: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., handoff: _Optional[_Union[HandoffNeeded, _Mapping]] = ..., trace: _Optional[_Union[RouteTrace, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., gate: _Optional[_Iterable[_Union[GateCheck, _Mapping]]] = ...) -> None: ...
+    resume_token: bytes
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., confidence: _Optional[_Iterable[_Union[TokenConfidence, _Mapping]]] = ..., source: _Optional[_Union[Source, _Mapping]] = ..., token_offset: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., handoff: _Optional[_Union[HandoffNeeded, _Mapping]] = ..., trace: _Optional[_Union[RouteTrace, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., gate: _Optional[_Iterable[_Union[GateCheck, _Mapping]]] = ..., resume_token: _Optional[bytes] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset", "num_bytes")

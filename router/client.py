@@ -117,41 +117,90 @@ def build_request(
     return request
 
 
+ROUTER_GONE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
 class RouterClient:
     """Talks to a router at `address`; `timeout` (seconds) bounds each call when given.
-    `api_key` (default: $RUYIFLOW_API_KEY) is sent as `authorization: Bearer ...`. `tls`:
-    the CA (and a client certificate) of a router under TLS (`cluster.tls.tls_files`), whose
-    certificate must name `server_name`."""
+    `address` may list several routers of one cluster: when the router serving a stream dies,
+    the stream resumes on the next one from what was received (its signed resume token), with
+    no token lost or repeated. `api_key` (default: $RUYIFLOW_API_KEY) is sent as
+    `authorization: Bearer ...`. `tls`: the CA (and a client certificate) of routers under TLS
+    (`cluster.tls.tls_files`), whose certificate must name `server_name`."""
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         timeout: float | None = None,
         api_key: str | None = None,
         tls: TlsFiles | None = None,
         server_name: str = "router",
     ) -> None:
-        self.address = address
+        self.addresses = [address] if isinstance(address, str) else list(address)
+        if not self.addresses:
+            raise ValueError("give at least one router address")
         self.timeout = timeout
         self._metadata = key_metadata(client_key(api_key))
-        if tls is None:
-            self._channel = grpc.insecure_channel(address, options=channel_options())
+        self._tls, self._server_name = tls, server_name
+        self._index = 0
+        self._connect()
+
+    @property
+    def address(self) -> str:
+        """The router this client talks to now."""
+        return self.addresses[self._index]
+
+    def _connect(self) -> None:
+        if self._tls is None:
+            self._channel = grpc.insecure_channel(self.address, options=channel_options())
         else:
-            options = [*channel_options(), ("grpc.ssl_target_name_override", server_name)]
-            credentials = channel_credentials(tls)
-            self._channel = grpc.secure_channel(address, credentials, options=options)
+            options = [*channel_options(), ("grpc.ssl_target_name_override", self._server_name)]
+            credentials = channel_credentials(self._tls)
+            self._channel = grpc.secure_channel(self.address, credentials, options=options)
         self._stub = pb_grpc.RouterStub(self._channel)
+
+    def _next_router(self) -> None:
+        self._channel.close()
+        self._index = (self._index + 1) % len(self.addresses)
+        self._connect()
 
     def generate(self, prompt: Prompt = None, **options: Any) -> Iterator[pb.Chunk]:
         """Stream the answer's chunks; closing the iterator early cancels the request. `prompt`
         is text or chat messages; `options` (token_ids, max_tokens, exit, tier, ...) are
-        `build_request`'s."""
+        `build_request`'s. With several routers, a router that dies mid-stream is replaced by
+        the next (each is tried once)."""
         request = build_request(prompt, **options)
-        call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
-        try:
-            yield from call
-        finally:
-            call.cancel()
+        ids: list[int] = []
+        text, token, num_tries = "", b"", 0
+        while True:
+            call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
+            try:
+                for chunk in call:
+                    ids.extend(chunk.token_ids)
+                    text += chunk.text
+                    token = chunk.resume_token or token
+                    yield chunk
+                return
+            except grpc.RpcError as exc:
+                num_tries += 1
+                if exc.code() not in ROUTER_GONE or num_tries >= len(self.addresses):
+                    raise
+                if ids or text:
+                    if not token:
+                        raise  # the routers sign nothing: a resume could not be checked
+                    request.resume.CopyFrom(
+                        pb.ResumeFrom(token_ids=ids, text=text, resume_token=token)
+                    )
+                self._next_router()
+            finally:
+                call.cancel()
 
     def complete(self, prompt: Prompt = None, **kwargs: Any) -> Completion:
         """The whole answer (arguments as `generate`); checks that token offsets continue."""

@@ -182,16 +182,18 @@ def run_router(
     topology: str | Path | Topology,
     ready_event: threading.Event | None = None,
     stop_event: threading.Event | None = None,
+    **addresses: str | None,
 ) -> None:
     """Run until SIGTERM/SIGINT (main thread only) or `stop_event`, then drain and stop;
-    `ready_event` is set once the router serves."""
+    `ready_event` is set once the router serves. `addresses` (listen, metrics_address,
+    http_address) override the topology's: a second router of the same cluster."""
     if not isinstance(topology, Topology):
         topology = Topology.load(topology)
     stop = stop_event or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-    daemon = RouterDaemon(topology).start()
+    daemon = RouterDaemon(topology, **addresses).start()
     if ready_event is not None:
         ready_event.set()
     stop.wait()
@@ -202,6 +204,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `ruyiflow router` options, for the CLI to put on its subcommand."""
     parser.add_argument("--topology", default="topology.yaml", help="topology file")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    # Another router of the same cluster (clients list both; they share $RUYIFLOW_RESUME_KEY).
+    parser.add_argument("--listen", default=None, help="gRPC address instead of router.listen")
+    parser.add_argument("--metrics", default=None, help="instead of router.metrics")
+    parser.add_argument("--http", default=None, help="instead of router.http ('' turns it off)")
     return parser
 
 
@@ -218,8 +224,13 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     except TopologyError as exc:
         print(f"ruyiflow router: {exc}", file=sys.stderr)
         return 2
+    addresses = {
+        "listen": getattr(args, "listen", None),
+        "metrics_address": getattr(args, "metrics", None),
+        "http_address": getattr(args, "http", None),
+    }
     try:
-        run_router(topology)
+        run_router(topology, **addresses)
     except OSError as exc:  # e.g. the listen or metrics port is taken
         print(f"ruyiflow router: {exc}", file=sys.stderr)
         return 1

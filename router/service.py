@@ -28,6 +28,7 @@ from ruyiflow.router.metrics import RouterMetrics
 from ruyiflow.router.policy import Overrides, RoutePlan, pick_node, plan_route
 from ruyiflow.router.registry import NodeRegistry
 from ruyiflow.router.requests import overrides_of, score_request, validate_request
+from ruyiflow.router.resume import StreamSigner, check_resume, resume_key
 from ruyiflow.router.scorer import Scorer
 from ruyiflow.router.session import RequestSession
 from ruyiflow.router.trace import TraceBuilder
@@ -117,6 +118,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         self.admission = Admission("router")
         self._load = _LoadGauge(metrics)
         self.watchdog = IdleWatchdog(topology.router.stream_idle_timeout_s)
+        self.resume_key = resume_key()
         metrics.set_cloud_share_target(getattr(topology.router, "target_cloud_share", None))
 
     def Generate(  # noqa: N802 (gRPC method name)
@@ -139,6 +141,11 @@ class RouterServicer(pb_grpc.RouterServicer):
             with self.admission.admit():
                 report = _Report(self, api, trace)
                 overrides, report.plan = self._decide(request, report.trace)  # score and plan
+                signer = None
+                if request.HasField("resume"):  # its router died: check what it had sent
+                    signer = check_resume(self.resume_key, request)
+                elif self.resume_key is not None:
+                    signer = StreamSigner(self.resume_key, request)
                 session = RequestSession(
                     self.topology,
                     self.registry,
@@ -152,6 +159,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                     on_placed=report.placed,
                     on_final=lambda: report.finish("ok"),
                     watchdog=self.watchdog,
+                    signer=signer,
                 )
                 yield from session.run(report.plan)  # stream, hand off, fail over
                 report.finish("cancelled" if session.is_cancelled else "ok")

@@ -34,6 +34,7 @@ from ruyiflow.router.policy import (
 )
 from ruyiflow.router.registry import NodeRegistry
 from ruyiflow.router.requests import estimate_tokens, node_request
+from ruyiflow.router.resume import StreamSigner
 from ruyiflow.router.trace import PendingMove, TraceBuilder, reason_label
 from ruyiflow.router.watchdog import IdleWatchdog
 
@@ -78,6 +79,7 @@ class RequestSession:
         on_placed: Callable[[], None] = lambda: None,
         on_final: Callable[[], None] = lambda: None,
         watchdog: IdleWatchdog | None = None,
+        signer: StreamSigner | None = None,
     ) -> None:
         self.topology, self.registry, self.metrics, self.rng = topology, registry, metrics, rng
         self.planner = HandoffPlanner(topology, registry, rng)
@@ -87,6 +89,10 @@ class RequestSession:
         self._watchdog = watchdog
         self.relayed: list[int] = []  # every token sent to the client, in order
         self.relayed_text = ""  # their text, as the client saw it
+        self._signer = signer  # signs what was sent, for a resume on another router
+        if request.HasField("resume"):  # another router sent these (checked by the caller)
+            self.relayed = list(request.resume.token_ids)
+            self.relayed_text = request.resume.text
         self._ids_model: str | None = None  # the model whose tokenizer made `relayed`
         self._text_only = False  # True once `relayed` mixes tokenizers (after a model change)
         self.is_cancelled = False
@@ -235,6 +241,9 @@ class RequestSession:
             self.relayed.extend(chunk.token_ids)
             placement.num_tokens += num_tokens
         self.relayed_text += chunk.text
+        if self._signer is not None:
+            self._signer.add(chunk.token_ids, chunk.text)
+            out.resume_token = self._signer.token()
         self.trace.add_tokens(num_tokens, now)
         if out.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             out.trace.CopyFrom(self.trace.build(now))
@@ -322,7 +331,10 @@ class RequestSession:
             # A full node (the router's view of its load lagged): not a failure, and no retry
             # is used; each full node is excluded, so this ends.
             self._exclude.add(placement.node)
-            return self._resume_from_tokens(placement, broken, deeper_only=True)
+            moved = self._resume_from_tokens(placement, broken, deeper_only=True)
+            if moved.exit > placement.exit and not self.relayed:
+                self.trace.deeper_for_load_from = placement.exit  # started deeper after all
+            return moved
         max_retries = self.topology.router.handoff.max_retries
         if self.trace.num_retries >= max_retries:
             raise broken.final_error(max_retries)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -243,6 +245,9 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()  # before anything: a signal at any moment stops everything
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    # Routers sign each chunk with this key, so a client resumes a stream on a router that
+    # was restarted (or another of the cluster) when its router died (`router.resume`).
+    os.environ.setdefault("RUYIFLOW_RESUME_KEY", secrets.token_hex(32))
     cluster = Cluster(args.topology, stop_event=stop)
     metrics = None
     try:

@@ -24,7 +24,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ruyiflow.cluster.access import CLUSTER_SECRET_ENV, Dialer
-from ruyiflow.local_cluster import TOPOLOGY, start_local_cluster
+from ruyiflow.cmd_up import health
+from ruyiflow.local_cluster import TOPOLOGY, free_ports, start_local_cluster
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 from ruyiflow.router.client import RouterClient
@@ -252,6 +253,11 @@ def test_drain_and_undo_from_the_cli(cluster):
     assert undone.returncode == 0, undone.stderr
     assert not stub.Info(pb.InfoRequest(), timeout=5).draining
     assert len(generate(stub)) == 4
+    with RouterClient(cluster.addr["router"], timeout=30) as client:  # the router saw it too
+        deadline = time.monotonic() + 10
+        while any(n.info.draining or not n.healthy for n in client.list_nodes()):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
 
 
 def test_a_burst_goes_deeper_instead_of_failing(cluster):
@@ -303,3 +309,48 @@ def test_a_stopped_node_is_failed_over_and_new_requests_go_deeper(cluster):
         while not all(n.healthy for n in client.list_nodes()):
             assert time.monotonic() < wait, "edge-0 did not come back"
             time.sleep(0.2)
+
+
+def test_a_client_stream_survives_a_router_killed_mid_stream(cluster, tmp_path, monkeypatch):
+    """A second router of the same topology (they share the key through the cluster secret);
+    the first is SIGKILLed mid-stream: the client resumes on the second, and the greedy answer
+    is the same as an undisturbed run's."""
+    listen, metrics = (f"127.0.0.1:{p}" for p in free_ports(2))
+    argv = [sys.executable, "-m", "ruyiflow", "router", "--topology", cluster.topology]
+    argv += ["--listen", listen, "--metrics", metrics, "--http", ""]
+    env = {**os.environ, CLUSTER_SECRET_ENV: SECRET}
+    log = open(tmp_path / "router-2.log", "wb")  # noqa: SIM115
+    second = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with RouterClient(listen, timeout=120) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if all(n.healthy for n in client.list_nodes()):
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, "the second router did not come up"
+                time.sleep(0.2)
+            options = {"max_tokens": 24, "temperature": 0.0, "exit": 20}
+            reference = client.complete("Tell me about lighthouses.", **options).token_ids
+        first = cluster.children["router"]
+        ids = []
+        with RouterClient([cluster.addr["router"], listen], timeout=120) as client:
+            for chunk in client.generate("Tell me about lighthouses.", **options):
+                assert chunk.token_offset == len(ids)
+                ids.extend(chunk.token_ids)
+                if len(ids) >= 5 and first.poll() is None:
+                    first.send_signal(signal.SIGKILL)
+            assert client.address == listen
+        assert first.poll() is not None and ids == reference
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
+        log.close()
+    monkeypatch.setenv(CLUSTER_SECRET_ENV, SECRET)  # what the restarted router inherits
+    deadline = time.monotonic() + 60  # `up`'s supervisor brings the first router back
+    while health(cluster.addr["router"]) != "SERVING":
+        cluster.supervise()
+        assert time.monotonic() < deadline, "the first router was not restarted"
+        time.sleep(0.2)
