@@ -170,3 +170,20 @@ def test_sweep_without_probes_skips_probe_curves() -> None:
     values = np.array([[0.95], [0.4], [0.3]])
     curve = gate_sweep("max_prob-gate", ev, results(), starts, "max_prob", values, table(), {})
     assert len({p.setting for p in curve.points}) == len(curve.points) >= 3
+
+
+def test_the_shipped_calibration_is_for_the_shipped_weights_and_probes(smollm2) -> None:
+    """What `default` reports for the shipped topology is what its nodes run: the calibration
+    names the embedded model's weights (overlay included) and digests of the shipped probes."""
+    from pathlib import Path
+
+    from ruyiflow.cluster.topology import Topology
+
+    shipped = Topology.load(Path(__file__).parents[2] / "topology.yaml")
+    cal = shipped.router.escalation.calibration
+    assert cal is not None and cal.fingerprint == smollm2.fingerprint == SHIPPED_FINGERPRINT
+    exits = tuple(smollm2.config.exits)
+    probes = load_probes(shipped_probes_dir(), exits[:-1], cal.fingerprint)
+    assert {e.exit: e.probe for e in cal.exits} == {e: p.digest for e, p in probes.items()}
+    gate = topology_gate(shipped, smollm2.fingerprint, exits)
+    assert gate is not None and gate.calibration == cal
