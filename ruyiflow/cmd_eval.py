@@ -239,6 +239,12 @@ def run_routing(args: argparse.Namespace, prompts) -> int:
         Path(args.results).with_suffix(".features.npz") if args.results else None
     )
     gate = gate_eval(results, prompts, features, args.probes, args.topology)
+    if gate is None and args.topology:
+        print(
+            f"no first-token features ({features or 'none without --results'}): no default or "
+            "gate policies; `ruyiflow eval exits --features` writes them",
+            file=sys.stderr,
+        )
     curves = routing.policy_curves(results, scorers, runs, setup, gate)
     rows = summarise_curves(curves, args.quality)
     if args.json:

@@ -1,6 +1,7 @@
 """`eval routing`'s gate policies: their inputs (first-token features beside the results, the
-probes, the topology's scorer for `default`) and the summary lines of `default` against its
-calibration (realised disagreement vs eps, answers vs always-deepest, compute)."""
+probes; for `default` the router's scores and the gate as the topology's nodes open it) and the
+summary lines of `default` against its calibration (realised disagreement vs eps, answers vs
+always-deepest, compute, APGR vs random on both quality measures)."""
 
 from __future__ import annotations
 
