@@ -11,6 +11,7 @@ BENCHES = {
     "moe": "ruyiflow.bench.moe",
     "cpu-gemv": "ruyiflow.bench.cpu_gemv",
     "edge": "ruyiflow.bench.edge",
+    "tls": "ruyiflow.bench.tls",
 }
 
 

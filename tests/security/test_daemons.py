@@ -260,22 +260,36 @@ def test_drain_and_undo_from_the_cli(cluster):
             time.sleep(0.1)
 
 
-def test_a_burst_goes_deeper_instead_of_failing(cluster):
-    """48 easy requests at once: edge-0 (batch 8) takes what it can run soon, the rest start
-    deeper on cloud-0; none is refused as UNAVAILABLE while a node that can serve is up."""
+def burst(cluster, num_requests: int) -> list[str]:
+    """Outcomes of `num_requests` easy requests sent at once."""
 
     def one(_: int) -> str:
-        with RouterClient(cluster.addr["router"], timeout=300) as client:
+        with RouterClient(cluster.addr["router"], timeout=600) as client:
             try:
                 done = client.complete("Hi there!", max_tokens=4)
             except grpc.RpcError as exc:
                 return exc.code().name
         return "deeper" if done.trace.deeper_for_load_from else "planned"
 
-    with ThreadPoolExecutor(48) as pool:
-        outcomes = list(pool.map(one, range(48)))
+    with ThreadPoolExecutor(num_requests) as pool:
+        return list(pool.map(one, range(num_requests)))
+
+
+def test_a_burst_goes_deeper_instead_of_failing(cluster):
+    """48 easy requests at once: edge-0 (batch 8) takes what it can run soon, the rest start
+    deeper on cloud-0; none is refused as UNAVAILABLE while a node that can serve is up."""
+    outcomes = burst(cluster, 48)
     assert set(outcomes) <= {"planned", "deeper", "RESOURCE_EXHAUSTED"}, outcomes
     assert outcomes.count("deeper") > 0 and outcomes.count("planned") > 0
+
+
+@pytest.mark.slow
+def test_300_requests_at_once_are_served_or_told_to_retry(cluster):
+    """The issue's overload: 300 at once against two nodes of 40 streams each. Nothing is
+    UNAVAILABLE; what finds every node full is RESOURCE_EXHAUSTED (retry later)."""
+    outcomes = burst(cluster, 300)
+    assert set(outcomes) <= {"planned", "deeper", "RESOURCE_EXHAUSTED"}, outcomes
+    assert outcomes.count("planned") + outcomes.count("deeper") >= 80  # both nodes filled
 
 
 def test_a_stopped_node_is_failed_over_and_new_requests_go_deeper(cluster):
