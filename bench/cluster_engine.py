@@ -134,7 +134,10 @@ def run_engine(args: argparse.Namespace) -> int:
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}])
     levels = [int(s) for s in args.engine_streams.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        cluster = start_local_cluster(Path(tmp), template=ENGINE_TOPOLOGY)
+        # llama.cpp's server runs one request at a time: at 16 streams a request can wait in
+        # its queue longer than the node's 30 s read timeout on a loaded machine
+        template = ENGINE_TOPOLOGY.replace("timeout_s: 30", "timeout_s: 600")
+        cluster = start_local_cluster(Path(tmp), template=template)
         try:
             rows = [
                 measure(cluster.addr, prompt, streams, args.requests, args.max_tokens)

@@ -1,9 +1,10 @@
 """A real llama.cpp server (llama-cpp-python, the embedded SmolLM2 GGUF) behind a
 `backend: openai` cloud node, beside a torch edge node, all started by `ruyiflow up`'s
 Cluster on loopback: routed greedy text equals the server called directly, an escalation from
-the edge continues there with no token lost or repeated, a client that goes away frees the
-engine, an engine busy with another client's request stays serving, and killing the engine
-mid-stream fails over (then `up` restarts it)."""
+the edge continues there with no token lost or repeated, a prompt past the server's context
+fails with a clear status, a client that goes away frees the engine, an engine
+busy with another client's request stays serving, and killing the engine mid-stream fails
+over (then `up` restarts it)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import threading
 import time
 import urllib.request
 
+import grpc
 import pytest
 
 from ruyiflow.cloud_node.openai_node import load_tokenizer
 from ruyiflow.local_cluster import ENGINE_TOPOLOGY, start_local_cluster
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.router.client import RouterClient
-from tests.engines.conftest import require_llama_cpp
+from tests.engines.conftest import require_llama_cpp, start_node
 
 TOKENIZER = load_tokenizer("smollm2")
 QUESTION = "What is the capital of France?"
@@ -88,6 +90,28 @@ def test_escalation_from_a_torch_edge_exit_continues_on_the_engine(cluster):
     prompt_ids = TOKENIZER.encode(templated(QUESTION))
     answer = direct(cluster, TOKENIZER.decode(prompt_ids + edge_ids), 16 - 4)
     assert engine_text == answer["choices"][0]["text"]
+
+
+def test_a_prompt_past_the_servers_context_fails_clearly(cluster):
+    """A node allowing more context than the server's n_ctx (2048) passes a long prompt on.
+    llama-cpp-python refuses it with HTTP 400 only when not streaming; a streamed request gets
+    HTTP 200 and an empty body. The client gets UNAVAILABLE naming the engine and what went
+    wrong, at once, never a hung stream."""
+    node = start_node(f"http://{cluster.addr['engine']}/v1", model="smollm2", max_context=8192)
+    try:
+        node.wait_health(serving=True, timeout=60)
+        request = pb.GenerateRequest(
+            request_id="too-long",
+            text=" ".join(["lighthouse"] * 2100),
+            sampling=pb.SamplingParams(max_tokens=4),
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            list(node.stub.Generate(request, timeout=60))
+    finally:
+        node.stop()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = err.value.details()
+    assert cluster.addr["engine"] in details and "closed the stream before [DONE]" in details
 
 
 def test_a_client_that_goes_away_frees_the_engine(cluster):
