@@ -90,7 +90,20 @@ def router_probe(stub: pb_grpc.RouterStub, max_tokens: int) -> Timing:
     return stamps[0] - started, [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
-def measure(addr: dict[str, str], prompt: str, streams: int, rounds: int, max_tokens: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    addr: dict[str, str],
+    pids: dict[str, int],
+    prompt: str,
+    streams: int,
+    rounds: int,
+    max_tokens: int,
+) -> dict:
     with grpc.insecure_channel(addr["router"]) as channel:
         stub = pb_grpc.RouterStub(channel)
         probes = {
@@ -105,12 +118,18 @@ def measure(addr: dict[str, str], prompt: str, streams: int, rounds: int, max_to
         with ThreadPoolExecutor(streams) as pool:
             list(pool.map(one_round, range(streams)))  # warm connections
             load_start = os.getloadavg()[0]
+            cpu_start = {name: cpu_seconds(pid) for name, pid in pids.items()}
             results = list(pool.map(one_round, range(rounds)))
+            cpu = {name: cpu_seconds(pid) - cpu_start[name] for name, pid in pids.items()}
     # the machine's 1-minute load over the level: latencies on a shared machine depend on it
     out: dict[str, float] = {
         "streams": streams,
         "load_1m_start": load_start,
         "load_1m_end": os.getloadavg()[0],
+        # CPU time per request, whatever the machine's load: what the routed path costs
+        # (router + node, per routed request) beside the engine (per request, both probes)
+        "path_cpu_ms_per_request": (cpu["router"] + cpu["node"]) / rounds * 1e3,
+        "engine_cpu_ms_per_request": cpu["engine"] / (2 * rounds) * 1e3,
     }
     for name in ("direct", "router"):
         ttft = [r[name][0] for r in results]
@@ -139,8 +158,13 @@ def run_engine(args: argparse.Namespace) -> int:
         template = ENGINE_TOPOLOGY.replace("timeout_s: 30", "timeout_s: 600")
         cluster = start_local_cluster(Path(tmp), template=template)
         try:
+            pids = {
+                "router": cluster.supervisor.children["router"].proc.pid,
+                "node": cluster.supervisor.children["cloud-llama"].proc.pid,
+                "engine": cluster.engines.engines[0].proc.pid,
+            }
             rows = [
-                measure(cluster.addr, prompt, streams, args.requests, args.max_tokens)
+                measure(cluster.addr, pids, prompt, streams, args.requests, args.max_tokens)
                 for streams in levels
             ]
         finally:
@@ -156,7 +180,7 @@ def run_engine(args: argparse.Namespace) -> int:
     print(
         f"{'streams':>7} {'TTFT direct p50/p99':>20} {'via router p50/p99':>20} "
         f"{'added p50':>10} {'of TTFT':>8} {'ITL direct p50/p99':>19} {'via router':>15}"
-        f" {'load 1m':>11}"
+        f" {'load 1m':>11} {'CPU/req router+node, engine':>28}"
     )
     for r in rows:
         print(
@@ -166,5 +190,6 @@ def run_engine(args: argparse.Namespace) -> int:
             f" {r['direct_itl_p50_ms']:>8.1f} /{r['direct_itl_p99_ms']:>6.1f} ms"
             f" {r['router_itl_p50_ms']:>6.1f} /{r['router_itl_p99_ms']:>6.1f} ms"
             f" {r['load_1m_start']:>5.1f}-{r['load_1m_end']:<5.1f}"
+            f" {r['path_cpu_ms_per_request']:>12.1f} ms, {r['engine_cpu_ms_per_request']:>7.1f} ms"
         )
     return 0

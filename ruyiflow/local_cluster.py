@@ -114,7 +114,7 @@ def free_ports(n: int) -> list[int]:
 
 def write_topology(path: Path, template: str = TOPOLOGY) -> dict[str, int]:
     names = ["edge", "edge_m", "cloud", "cloud_m", "router", "router_m", "router_http"]
-    if template is ENGINE_TOPOLOGY:
+    if "{engine}" in template:  # ENGINE_TOPOLOGY or a variant of it
         names.append("engine")
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     path.write_text(template.format(**ports))
