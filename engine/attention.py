@@ -2,7 +2,7 @@
 family (Llama, Qwen2, Qwen3, Hunyuan, dots1; DeepSeek-V3's MLA is `engine.moe.mla`).
 
 Rows of the batch are the tokens of several sequences laid end to end; `Segment` says which rows
-belong to which sequence's KV buffers and at which position they start. A prefill is one segment
+belong to which sequence's KV blocks and at which position they start. A prefill is one segment
 of T rows, a decode step is B segments of one row each. Projections cover every row at once; only
 attention loops over segments, each reading exactly its own length of KV: nothing is padded.
 
@@ -18,15 +18,22 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ruyiflow.engine.kv_blocks import (
+    BlockKV,
+    attend_blocks,
+    key_views,
+    read_positions,
+    write_positions,
+)
 from ruyiflow.engine.ops import head_rms, linear
 from ruyiflow.engine.rope import apply_rope
 
 if TYPE_CHECKING:  # both carry w_qkv, b_qkv, w_o, q_norm, k_norm
+    from ruyiflow.engine.device_kv import DeviceKV
     from ruyiflow.engine.layers import LayerWeights
     from ruyiflow.engine.moe.attention import GQAWeights
 
 QK_NORMS = ("none", "before_rope", "after_rope")
-KV = tuple[torch.Tensor, torch.Tensor]  # (K, V), each [KVH, capacity, D]
 
 
 @dataclass(frozen=True)
@@ -60,20 +67,20 @@ def prefill_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     segments: list[Segment],
-    caches: list[KV],
+    caches: list[BlockKV],
     scale: float,
 ) -> torch.Tensor:
     """q [N, H, D], k/v [N, KVH, D] for new rows of any segments -> [N, H, D]. Writes the new
     K/V into each segment's cache and attends causally over it with SDPA."""
     out = torch.empty_like(q)
-    for seg, (k_cache, v_cache) in zip(segments, caches, strict=True):
+    for seg, kv in zip(segments, caches, strict=True):
         rows = slice(seg.row, seg.row + seg.num_rows)
         end = seg.start + seg.num_rows
-        k_cache[:, seg.start : end] = k[rows].transpose(0, 1)
-        v_cache[:, seg.start : end] = v[rows].transpose(0, 1)
+        write_positions(kv.k, kv.block_size, seg.start, k[rows].transpose(0, 1), axis=1)
+        write_positions(kv.v, kv.block_size, seg.start, v[rows].transpose(0, 1), axis=1)
         q_seg = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
-        k_seg = k_cache[:, :end].unsqueeze(0)  # [1, KVH, L, D]
-        v_seg = v_cache[:, :end].unsqueeze(0)
+        k_seg = read_positions(kv.k, kv.block_size, end, axis=1).unsqueeze(0)  # [1, KVH, L, D]
+        v_seg = read_positions(kv.v, kv.block_size, end, axis=1).unsqueeze(0)
         if seg.num_rows == 1:
             o = F.scaled_dot_product_attention(q_seg, k_seg, v_seg, scale=scale, enable_gqa=True)
         elif seg.start == 0:
@@ -81,7 +88,7 @@ def prefill_attention(
                 q_seg, k_seg, v_seg, is_causal=True, scale=scale, enable_gqa=True
             )
         else:
-            mask = causal_mask(seg.num_rows, seg.start)
+            mask = causal_mask(seg.num_rows, seg.start).to(q.device)
             o = F.scaled_dot_product_attention(
                 q_seg, k_seg, v_seg, attn_mask=mask, scale=scale, enable_gqa=True
             )
@@ -94,21 +101,28 @@ def decode_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     segments: list[Segment],
-    caches: list[KV],
+    caches: list[BlockKV],
     scale: float,
 ) -> torch.Tensor:
     """One new row per segment: q [B, H, D], k/v [B, KVH, D] -> [B, H, D]. Two batched matmuls
-    per sequence over its own cache, query heads grouped by KV head (fewer ops than SDPA's
-    general path, which dominates at one query row on CPU)."""
+    per sequence over views of its own cache, query heads grouped by KV head (fewer ops than
+    SDPA's general path, which dominates at one query row on CPU); a sequence longer than one
+    block attends block by block (`kv_blocks.attend_blocks`), still over views."""
     num_kv, dim = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
-    for i, (seg, (k_cache, v_cache)) in enumerate(zip(segments, caches, strict=True)):
+    for i, (seg, kv) in enumerate(zip(segments, caches, strict=True)):
         end = seg.start + 1
-        k_cache[:, seg.start] = k[i]
-        v_cache[:, seg.start] = v[i]
+        b, o = divmod(seg.start, kv.block_size)
+        kv.k[b][:, o] = k[i]
+        kv.v[b][:, o] = v[i]
         qg = q[i].view(num_kv, -1, dim)  # [KVH, group, D]
-        probs = torch.bmm(qg, k_cache[:, :end].transpose(1, 2)).mul_(scale).softmax(-1)
-        out[i] = torch.bmm(probs, v_cache[:, :end]).view(-1, dim)  # [H, D]
+        if b == 0:
+            probs = torch.bmm(qg, kv.k[0][:, :end].transpose(1, 2)).mul_(scale).softmax(-1)
+            out[i] = torch.bmm(probs, kv.v[0][:, :end]).view(-1, dim)  # [H, D]
+        else:
+            keys = key_views(kv.k, kv.block_size, end)
+            values = key_views(kv.v, kv.block_size, end)
+            out[i] = attend_blocks(qg, keys, values, scale).view(-1, dim)
     return out
 
 
@@ -119,10 +133,10 @@ def gqa_attention(
     cos: torch.Tensor,
     sin: torch.Tensor,
     segments: list[Segment],
-    caches: list[KV],
+    caches: list[BlockKV] | DeviceKV,
 ) -> torch.Tensor:
     """x [N, hidden] (already input-normed) -> attention output [N, hidden]; writes the new K/V
-    into each segment's cache."""
+    into each segment's cache (block views per segment, or the device path's pages)."""
     n = x.shape[0]
     num_heads, num_kv, dim = geo.num_heads, geo.num_kv_heads, geo.head_dim
     qkv = linear(x, w.w_qkv, w.b_qkv)  # [N, (H + 2KVH) * D]
@@ -133,6 +147,10 @@ def gqa_attention(
     qk = apply_rope(qk, cos, sin)  # q and k heads rotated together
     if geo.qk_norm == "after_rope":
         qk = head_rms(qk, w.q_norm, w.k_norm, num_heads, geo.eps)
-    attend = decode_attention if n == len(segments) else prefill_attention  # all decode rows?
-    o = attend(qk[:, :num_heads], qk[:, num_heads:], v, segments, caches, dim**-0.5)
+    q, k = qk[:, :num_heads], qk[:, num_heads:]
+    if isinstance(caches, list):
+        attend = decode_attention if n == len(segments) else prefill_attention  # all decode?
+        o = attend(q, k, v, segments, caches, dim**-0.5)
+    else:
+        o = caches.attend(q, k, v, segments, dim**-0.5)
     return linear(o.reshape(n, num_heads * dim), w.w_o)

@@ -1,6 +1,9 @@
 """Locate and load a model: the embedded SmolLM2 GGUF (`smollm2`), a `.gguf` file, or a Hugging
 Face directory (config.json + safetensors + tokenizer files), optionally with an exit overlay
-(trained branch deltas, `engine.distill.overlay`). Returns everything a node needs."""
+(trained branch deltas, `engine.distill.overlay`), onto a device (`cpu`, `cuda`, `cuda:N`).
+Checkpoints are read one tensor at a time, each converted straight onto the device, so a CUDA
+load never holds the weights on the host and a CPU load holds only the model (plus one tensor).
+Returns everything a node needs."""
 
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from pathlib import Path
 import torch
 
 from ruyiflow.engine.config import ModelConfig, config_from_hf, load_hf_config
+from ruyiflow.engine.device import resolve_device
 from ruyiflow.engine.errors import ModelLoadError, ModelMismatch
-from ruyiflow.engine.fingerprint import fingerprint
+from ruyiflow.engine.fingerprint import SampledTensors, fingerprint
 from ruyiflow.engine.model import FamilyModel
 from ruyiflow.engine.tokenizer import Tokenizer
 from ruyiflow.engine.weights import build_model
@@ -65,8 +69,10 @@ def load_model(
     max_context: int | None = None,
     max_batch: int | None = None,
     overlay: str | Path | None = "default",
+    device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """Load `source` (`smollm2`, a .gguf file, or a HF directory) served in `dtype`.
+    """Load `source` (`smollm2`, a .gguf file, or a HF directory) served in `dtype` on `device`
+    (ModelLoadError, before any weight is read, when this process cannot use it).
 
     `extra_exits` turns a plain model into a family (default for `smollm2`: 12, 16, 20, 24).
     MoE checkpoints (`engine.moe`) have one exit and are refused before any weight is read when
@@ -78,6 +84,7 @@ def load_model(
     """
     started = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
+    torch_device = resolve_device(device)
     if source == EMBEDDED:
         path = embedded_gguf_path()
         if extra_exits is None:
@@ -91,7 +98,7 @@ def load_model(
 
         reader = open_gguf(path)
         config = gguf_config(reader)
-        tensors = gguf_tensors(reader, config)
+        tensors = SampledTensors(gguf_tensors(reader, config))
         tokenizer = Tokenizer.from_gguf(reader)
     else:
         from ruyiflow.engine.loaders.safetensors_loader import load_safetensors
@@ -105,7 +112,9 @@ def load_model(
                 raise ModelLoadError("an MoE model has one exit (its last layer); no extra exits")
             if overlay not in (None, "none", "default"):
                 raise ModelLoadError("exit overlays apply to familial dense models, not MoE")
-            moe_config, moe_model, fp = load_moe_dir(path, hf, torch_dtype, max_context, max_batch)
+            moe_config, moe_model, fp = load_moe_dir(
+                path, hf, torch_dtype, max_context, max_batch, device=torch_device
+            )
             return LoadedModel(
                 source,
                 moe_config,
@@ -115,11 +124,11 @@ def load_model(
                 time.perf_counter() - started,
             )
         config = config_from_hf(hf)
-        tensors = load_safetensors(path)
+        tensors = SampledTensors(load_safetensors(path))
         tokenizer = Tokenizer.from_dir(path)
     if extra_exits:
         config = config.with_extra_exits(tuple(extra_exits))
-    model = build_model(config, tensors, torch_dtype)
+    model = build_model(config, tensors, torch_dtype, torch_device)
     fp = fingerprint(config, tensors)
     overlay_path = _overlay_path(source, overlay, config)
     if overlay_path is not None:

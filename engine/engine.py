@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ruyiflow.engine.batch import Work
-from ruyiflow.engine.errors import HandoffError, InvalidRequest
+from ruyiflow.engine.errors import HandoffError, InvalidRequest, Overloaded
 from ruyiflow.engine.events import Confidence, Status, TokenEvent
 from ruyiflow.engine.handoff import (
     MODES,
@@ -36,6 +36,7 @@ from ruyiflow.engine.handoff import (
     decode_state,
     encode_state,
 )
+from ruyiflow.engine.paging import OutOfBlocks
 from ruyiflow.engine.runner import ModelRunner
 from ruyiflow.engine.sampling_params import SamplingParams
 from ruyiflow.engine.scheduler import Scheduler
@@ -71,7 +72,13 @@ class Engine:
         self.fingerprint = model.fingerprint
         stop_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
         self.scheduler = Scheduler(
-            self.config, stop_ids, max_batch, max_context, max_step_tokens, max_waiting
+            self.config,
+            stop_ids,
+            max_batch,
+            max_context,
+            max_step_tokens,
+            max_waiting,
+            getattr(model, "allocator", None),  # KV pages, when the runner's cache is paged
         )
         self.held: dict[str, HeldToken] = {}  # first tokens waiting for accept/retract
         self._hold: set[str] = set()  # sequences whose next sampled token is held
@@ -245,10 +252,11 @@ class Engine:
         """Continue a running sequence at another exit from its next token on."""
         seq = self.scheduler.get(seq_id)
         self.runner.check_exit(exit_layer)
+        self.scheduler.check_fits(seq, exit_layer)
         waiting = seq.status is Status.WAITING  # only part of the prompt is cached
         if waiting or not self.runner.switch_exit(seq.cache, seq.exit, exit_layer):
-            seq.cache = self.runner.new_cache()  # restart its prefill at the new exit
-            self.scheduler.requeue(seq)
+            # restart its prefill at the new exit (pages freed: recomputed when there is room)
+            self.scheduler.restart(seq, self.runner.new_cache())
         seq.exit = exit_layer
 
     # -- handoff --------------------------------------------------------------------------------
@@ -302,8 +310,12 @@ class Engine:
         seq.generator = self.runner.restore_generator(seq.generator, state.rng, state.seed)
         seq.seed = state.seed
         _prime_text(seq, state.num_emitted_chars)
-        if state.mode == "hidden" and not self.runner.restore_cache(seq.cache, state, target):
-            seq.cache = self.runner.new_cache()  # this runner re-prefills from the tokens
+        self.scheduler.check_fits(seq, target)
+        try:
+            if state.mode == "hidden" and not self.runner.restore_cache(seq.cache, state, target):
+                seq.cache = self.runner.new_cache()  # this runner re-prefills from the tokens
+        except OutOfBlocks:
+            raise Overloaded("no free KV pages for the handoff's state now") from None
         self.scheduler.admit(seq)
         if hold_first and seq.num_generated == 0:
             self._hold.add(seq.id)
@@ -332,9 +344,12 @@ class Engine:
         ids = [(37 * i) % (self.config.vocab_size - 1) + 1 for i in range(num_tokens)]
         best = float("inf")
         for _ in range(3):  # the first run pays for allocation; keep the best of the rest
+            cache = self.runner.new_cache()
             started = time.perf_counter()
-            self.runner.run([Work(self.runner.new_cache(), ids, 0, exit_layer)])
+            self.runner.run([Work(cache, ids, 0, exit_layer)])
             best = min(best, time.perf_counter() - started)
+            if hasattr(cache, "release"):
+                cache.release()  # its KV pages go back to the pool
         return num_tokens / best
 
 

@@ -9,12 +9,14 @@ side by side): every projection and MLP matmul covers all rows at once; attentio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ruyiflow.engine.attention import KV, Geometry, Segment, gqa_attention
+from ruyiflow.engine.attention import Geometry, Segment, gqa_attention
 from ruyiflow.engine.batch import Work
+from ruyiflow.engine.kv_blocks import BlockKV
 from ruyiflow.engine.ops import linear, rms, rms_residual
 from ruyiflow.engine.rope import RopeTable
 
@@ -46,7 +48,7 @@ def decoder_layer(
     cos: torch.Tensor,
     sin: torch.Tensor,
     segments: list[Segment],
-    caches: list[KV],
+    caches: list[BlockKV] | Any,  # or the device path's DeviceKV
 ) -> torch.Tensor:
     """h [N, hidden] residual stream in, residual stream out (pre-norm layer)."""
     x = rms(h, layer.input_norm, geo.eps)
@@ -66,13 +68,16 @@ def pack(
     for w in works:
         if not w.token_ids:
             raise ValueError("a work item needs at least one token")
-        w.cache.reserve(w.start + len(w.token_ids))
+        w.cache.reserve(w.start + len(w.token_ids), w.exit)
         segments.append(Segment(row, len(w.token_ids), w.start))
         row += len(w.token_ids)
     ids = torch.tensor([t for w in works for t in w.token_ids], dtype=torch.long)
-    positions = torch.cat([torch.arange(s.start, s.start + s.num_rows) for s in segments])
+    if row == len(works):  # decode rows: one position each
+        positions = torch.tensor([s.start for s in segments])
+    else:
+        positions = torch.cat([torch.arange(s.start, s.start + s.num_rows) for s in segments])
     cos, sin = rope.gather(positions)
-    return segments, F.embedding(ids, embed), cos, sin
+    return segments, F.embedding(ids.to(embed.device), embed), cos, sin
 
 
 def last_logits(
@@ -85,10 +90,13 @@ def last_logits(
 ) -> list[torch.Tensor | None]:
     """float32 logits [vocab] of each segment's last row where wanted (else None): the final
     norm and the head run only on those rows."""
+    if len(segments) == h.shape[0] and all(wanted):  # decode rows: every row is a last row
+        return list(linear(rms(h, norm, eps), head).float().unbind(0))
     want = [k for k, is_wanted in enumerate(wanted) if is_wanted]
     result: list[torch.Tensor | None] = [None] * len(segments)
     if want:
         last = torch.tensor([segments[k].row + segments[k].num_rows - 1 for k in want])
+        last = last.to(h.device)
         logits = linear(rms(h[last], norm, eps), head).float()  # [len(want), vocab]
         for j, k in enumerate(want):
             result[k] = logits[j]

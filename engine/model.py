@@ -9,12 +9,15 @@ running form a prefix of the rows and the batch simply shrinks as shallow items 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ruyiflow.engine.batch import Work  # noqa: F401 (re-exported)
 from ruyiflow.engine.config import ModelConfig
 from ruyiflow.engine.kv_cache import SequenceCache
+from ruyiflow.engine.kv_pool import PagedCache, PageGeometry
+from ruyiflow.engine.kv_step import make_step
 from ruyiflow.engine.layers import (
     Geometry,
     LayerWeights,
@@ -23,6 +26,7 @@ from ruyiflow.engine.layers import (
     last_logits,
     pack,
 )
+from ruyiflow.engine.paging import PageLayout
 from ruyiflow.engine.rope import RopeTable, inv_frequencies
 
 
@@ -51,11 +55,24 @@ class FamilyModel:
         self.geo = Geometry(
             config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps, qk_norm
         )
-        self.rope = RopeTable(inv_frequencies(config.rope, config.head_dim), dtype)
+        self.device = embed.device
+        self.rope = RopeTable(
+            inv_frequencies(config.rope, config.head_dim), dtype, device=self.device
+        )
 
     def new_cache(self) -> SequenceCache:
+        """A contiguous cache (the simple path; the runner serves from a paged pool)."""
         c = self.config
-        return SequenceCache(c.num_kv_heads, c.head_dim, c.hidden_size, self.dtype)
+        return SequenceCache(c.num_kv_heads, c.head_dim, c.hidden_size, self.dtype, self.device)
+
+    def page_geometry(self, block_size: int) -> PageGeometry:
+        c = self.config
+        return PageGeometry(block_size, c.num_kv_heads, c.head_dim, hidden_size=c.hidden_size)
+
+    def page_layout(self, block_size: int) -> PageLayout:
+        """Trunk slots for layers 0..N-2; a branch and a boundary slot per exit."""
+        boundary = self.page_geometry(block_size).boundary_block_size
+        return PageLayout(block_size, self.config.num_layers - 1, self.config.exits, boundary)
 
     # -- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -65,33 +82,52 @@ class FamilyModel:
         order = sorted(range(len(works)), key=lambda i: -works[i].exit)
         items = [works[i] for i in order]
         segments, h, cos, sin = pack(items, self.rope, self.embed)  # h [rows, hidden]
-        logits: list[torch.Tensor | None] = [None] * len(items)
-        exits = self.config.exits
-        for i in range(items[0].exit + 1):
-            num_ge = sum(1 for w in items if w.exit >= i)
-            num_gt = sum(1 for w in items if w.exit > i)
+        step = make_step(items, segments)
+        exits = [w.exit for w in items]
+        logits = self.run_layers(h, cos, sin, segments, exits, [w.want_logits for w in items], step)
+        for w in items:
+            w.cache.length = w.start + len(w.token_ids)
+        result: list[torch.Tensor | None] = [None] * len(works)
+        for k, i in enumerate(order):
+            result[i] = logits[k]
+        return result
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: list[Segment],
+        exits: list[int],
+        wanted: list[bool],
+        step: Any,
+    ) -> list[torch.Tensor | None]:
+        """The layers of a packed batch, items sorted deepest exit first: h [rows, hidden] in,
+        logits of each item out. Device ops only, given the items' metadata (a CUDA graph of a
+        decode step captures exactly this)."""
+        logits: list[torch.Tensor | None] = [None] * len(exits)
+        for i in range(exits[0] + 1):
+            num_ge = sum(1 for e in exits if e >= i)
+            num_gt = sum(1 for e in exits if e > i)
             rows_ge = _rows(segments, num_ge)
             rows_gt = _rows(segments, num_gt)
-            if i in exits:
-                for w, s in zip(items[:num_ge], segments, strict=False):
-                    w.cache.boundary_buf(i)[s.start : s.start + s.num_rows] = h[
-                        s.row : s.row + s.num_rows
-                    ]
+            if i in self.config.exits:
+                step.write_boundary(i, num_ge, h)
             if num_ge > num_gt:
                 done = self._branch(
                     i,
                     h[rows_gt:rows_ge],
                     cos[rows_gt:rows_ge],
                     sin[rows_gt:rows_ge],
-                    items[num_gt:num_ge],
+                    step.branch(i, num_gt, num_ge),
+                    wanted[num_gt:num_ge],
                     segments[num_gt:num_ge],
                     rows_gt,
                 )
-                for k, out in enumerate(done):
-                    logits[num_gt + k] = out
+                logits[num_gt:num_ge] = done
             if num_gt == 0:
                 break
-            caches = [w.cache.trunk_kv(i) for w in items[:num_gt]]
+            caches = step.trunk(i, num_gt)
             h = decoder_layer(
                 self.layers[i],
                 h[:rows_gt],
@@ -102,12 +138,7 @@ class FamilyModel:
                 caches,
             )
             cos, sin = cos[:rows_gt], sin[:rows_gt]
-        for w in items:
-            w.cache.length = w.start + len(w.token_ids)
-        result: list[torch.Tensor | None] = [None] * len(works)
-        for k, i in enumerate(order):
-            result[i] = logits[k]
-        return result
+        return logits
 
     def _branch(
         self,
@@ -115,46 +146,47 @@ class FamilyModel:
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        items: list[Work],
+        caches: Any,
+        wanted: list[bool],
         segments: list[Segment],
         row0: int,
     ) -> list[torch.Tensor | None]:
-        """Branch layer + norm + head for items leaving at `exit_layer`; h holds only their rows."""
+        """Branch layer + norm + head for items leaving at `exit_layer`; h holds only their rows,
+        `caches` their branch layer's KV."""
         branch = self.branches[exit_layer]
         local = [Segment(s.row - row0, s.num_rows, s.start) for s in segments]
-        caches = [w.cache.branch_kv(exit_layer) for w in items]
         out = decoder_layer(branch.layer, h, self.geo, cos, sin, local, caches)
-        wanted = [w.want_logits for w in items]
         return last_logits(out, local, wanted, branch.norm, branch.head, self.config.rms_norm_eps)
 
     # -- moving a running sequence between exits ---------------------------------------------
     @torch.inference_mode()
-    def switch_exit(self, cache: SequenceCache, from_exit: int, to_exit: int) -> None:
+    def switch_exit(self, cache: SequenceCache | PagedCache, from_exit: int, to_exit: int) -> None:
         """Make `cache` (valid for `from_exit`) valid for `to_exit` without recomputing what is
         valid: deeper runs trunk layers from..to-1 and the new branch layer over the stored
-        boundary states; shallower fills only the new branch layer's KV."""
+        boundary states; shallower fills only the new branch layer's KV. A paged cache must
+        already hold pages for `to_exit`'s slots (`BlockTable.ensure`)."""
         self.config.check_exit(to_exit)
         length = cache.length
         if length == 0:
             cache.drop_above(to_exit)
             return
-        if to_exit == from_exit and to_exit in cache.branch:
+        if to_exit == from_exit and to_exit in cache.branch_exits():
             return
         start_exit = min(from_exit, to_exit)
-        if start_exit not in cache.boundary:
+        if not cache.has_boundary(start_exit):
             raise ValueError(f"cache has no boundary states at exit {start_exit}")
-        h = cache.boundary[start_exit][:length]
+        cache.reserve(length, to_exit)
+        h = cache.read_boundary(start_exit, length)
         seg = [Segment(0, length, 0)]
         cos, sin = self.rope.gather(torch.arange(length))
         for i in range(from_exit, to_exit):  # empty unless moving deeper
             if i in self.config.exits and i != from_exit:
-                cache.boundary_buf(i)[:length] = h
-            h = decoder_layer(self.layers[i], h, self.geo, cos, sin, seg, [cache.trunk_kv(i)])
+                cache.write_boundary(i, 0, h)
+            h = decoder_layer(self.layers[i], h, self.geo, cos, sin, seg, [cache.trunk_blocks(i)])
         if to_exit > from_exit:
-            cache.boundary_buf(to_exit)[:length] = h
-        decoder_layer(
-            self.branches[to_exit].layer, h, self.geo, cos, sin, seg, [cache.branch_kv(to_exit)]
-        )
+            cache.write_boundary(to_exit, 0, h)
+        branch = self.branches[to_exit].layer
+        decoder_layer(branch, h, self.geo, cos, sin, seg, [cache.branch_blocks(to_exit)])
         cache.drop_above(to_exit)
 
     # -- facts ----------------------------------------------------------------------------------

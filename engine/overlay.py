@@ -141,18 +141,18 @@ def merged_branch(
     vectors, in the model's dtype. The trunk layer of the same index keeps its own tensors (a
     plain model's branch layer starts as that very layer), so deeper exits are unchanged."""
     base = model.branches[exit_layer]
-    geo, dtype = model.geo, model.dtype
+    geo, dtype, device = model.geo, model.dtype, model.device
     fields = {}
     with torch.no_grad():
         for field in ("w_qkv", "w_o", "w_gate_up", "w_down"):
             names = [n for n, (f, _) in PROJECTIONS.items() if f == field]
             parts = [
                 projection_weight(base.layer, n, geo).float()
-                + scale * (lora_b[n].float() @ lora_a[n].float())
+                + scale * (lora_b[n].to(device).float() @ lora_a[n].to(device).float())
                 for n in names
             ]
             fields[field] = torch.cat(parts).to(dtype).contiguous()
-        vectors = {k: norms[k].detach().to(dtype).clone() for k in NORMS}
+        vectors = {k: norms[k].detach().to(device, dtype).clone() for k in NORMS}
     layer = LayerWeights(
         input_norm=vectors["input_norm"],
         post_norm=vectors["post_norm"],

@@ -31,7 +31,8 @@ def inv_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 class RopeTable:
-    """cos/sin [max_len, head_dim] in the activation dtype; rows are gathered by position."""
+    """cos/sin [max_len, head_dim] in the activation dtype on the model's device; rows are
+    gathered by position (computed on the CPU in float32, then moved: the same values anywhere)."""
 
     def __init__(
         self,
@@ -39,28 +40,36 @@ class RopeTable:
         dtype: torch.dtype,
         attention_factor: float = 1.0,
         size: int = 4096,
+        device: torch.device | str = "cpu",
     ):
         self.inv_freq = inv_freq  # [D/2] float32
         self.attention_factor = attention_factor  # YaRN scales cos/sin; 1.0 elsewhere (exact)
         self.dtype = dtype
+        self.device = torch.device(device)
         self._build(size)
 
     def _build(self, size: int) -> None:
         positions = torch.arange(size, dtype=torch.float32)
         freqs = torch.outer(positions, self.inv_freq)  # [size, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [size, D] (rotate_half layout)
-        self.cos = (emb.cos() * self.attention_factor).to(self.dtype)
+        self.cos = (emb.cos() * self.attention_factor).to(self.dtype).to(self.device)
         sin = emb.sin() * self.attention_factor
         half = sin.shape[-1] // 2
         # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]: one op fewer per call, and
         # bitwise the same (negating a factor is exact).
         self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)
+        self.sin = self.sin.to(self.device)
+
+    def reserve(self, size: int) -> None:
+        """Rows for positions 0..size-1 (device callers gather without a host check)."""
+        if size > self.cos.shape[0]:
+            self._build(max(size, 2 * self.cos.shape[0]))
 
     def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N] int64 -> (cos, sin) each [N, D]."""
-        need = int(positions.max()) + 1
-        if need > self.cos.shape[0]:
-            self._build(max(need, 2 * self.cos.shape[0]))
+        """positions [N] int64 on the CPU -> (cos, sin) each [N, D] on the table's device."""
+        self.reserve(int(positions.max()) + 1)
+        if self.device.type != "cpu":
+            positions = positions.to(self.device, non_blocking=True)
         return self.cos[positions], self.sin[positions]
 
 

@@ -2,7 +2,8 @@
 name them (Llama / Qwen2 / Qwen3, and Ruyi's `eelayers` / `norms` / `lm_head.{j}`).
 
 Every expected key must be present with the expected shape; extra keys are an error too, so a
-wrong checkpoint never loads silently.
+wrong checkpoint never loads silently. Tensors are read one at a time from lazy checkpoint
+mappings and converted straight onto the model's device: no second full copy on the host.
 """
 
 from __future__ import annotations
@@ -20,16 +21,23 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class KeyReader:
-    """Takes tensors by key with a shape check, converting dtype on the way; tracks what was
-    used so leftovers can be refused."""
+    """Takes tensors by key with a shape check, converting dtype and device on the way; tracks
+    what was used so leftovers can be refused."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype):
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
         self.tensors = tensors
         self.dtype = dtype
+        self.device = torch.device(device)
         self.used: set[str] = set()
 
     def shape_of(self, key: str) -> tuple[int, ...]:
-        return tuple(self.tensors[key].shape)
+        shape = getattr(self.tensors, "shape", None)  # lazy mappings know shapes unread
+        return shape(key) if callable(shape) else tuple(self.tensors[key].shape)
 
     def take(
         self, key: str, shape: tuple[int, ...], dtype: torch.dtype | None = None
@@ -40,7 +48,7 @@ class KeyReader:
         if found != shape:
             raise ModelLoadError(f"tensor {key!r} has shape {found}, expected {shape}")
         self.used.add(key)
-        return self.tensors[key].to(dtype or self.dtype).contiguous()
+        return self.tensors[key].to(device=self.device, dtype=dtype or self.dtype).contiguous()
 
     def has(self, key: str) -> bool:
         return key in self.tensors
@@ -107,11 +115,14 @@ def _layer(keys: KeyReader, prefix: str, c: ModelConfig) -> LayerWeights:
 
 
 def build_model(
-    config: ModelConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype
+    config: ModelConfig,
+    tensors: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
 ) -> FamilyModel:
-    """Checkpoint tensors -> FamilyModel in `dtype` (float32 / bfloat16 / float16)."""
+    """Checkpoint tensors -> FamilyModel in `dtype` (float32 / bfloat16 / float16) on `device`."""
     c = config
-    keys = KeyReader(tensors, dtype)
+    keys = KeyReader(tensors, dtype, device)
     vocab_shape = (c.vocab_size, c.hidden_size)
     embed = keys.take("model.embed_tokens.weight", vocab_shape)
     layers = [_layer(keys, f"model.layers.{i}", c) for i in range(c.num_layers)]

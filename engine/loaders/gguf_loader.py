@@ -1,5 +1,7 @@
 """Read a llama-architecture GGUF file: config from its metadata, tensors dequantized to float32
-with the `gguf` package and renamed to Hugging Face keys, Q/K rows un-permuted.
+with the `gguf` package and renamed to Hugging Face keys, Q/K rows un-permuted. Tensors are
+dequantized one at a time, when the model builder asks for them (`GGUFTensors`), so the float32
+form of the whole model never exists at once.
 
 llama.cpp's converter permutes q_proj/k_proj rows so RoPE can rotate adjacent pairs; Hugging Face
 rotates halves. `_unpermute` restores the HF order so the same RoPE code serves both sources.
@@ -7,6 +9,7 @@ rotates halves. `_unpermute` restores the HF order so the same RoPE code serves 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,31 +99,50 @@ def _unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     )
 
 
-def gguf_tensors(reader: Any, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """float32 tensors by Hugging Face key."""
-    from gguf.quants import dequantize
+class GGUFTensors(Mapping[str, torch.Tensor]):
+    """float32 tensors by Hugging Face key, dequantized when indexed."""
 
-    out: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        base, _, kind = t.name.rpartition(".")
-        if base.startswith("blk."):
-            _, idx, part = base.split(".", 2)
-            if part not in LAYER_KEYS:
+    def __init__(self, reader: Any, config: ModelConfig):
+        self.config = config
+        self._tensors: dict[str, Any] = {}
+        for t in reader.tensors:
+            base, _, kind = t.name.rpartition(".")
+            if base.startswith("blk."):
+                _, idx, part = base.split(".", 2)
+                if part not in LAYER_KEYS:
+                    raise ModelLoadError(f"GGUF tensor {t.name!r} unknown")
+                key = f"model.layers.{idx}.{LAYER_KEYS[part]}.{kind}"
+            elif base in TOP_KEYS:
+                key = f"{TOP_KEYS[base]}.{kind}"
+            else:
                 raise ModelLoadError(f"GGUF tensor {t.name!r} unknown")
-            key = f"model.layers.{idx}.{LAYER_KEYS[part]}.{kind}"
-        elif base in TOP_KEYS:
-            key = f"{TOP_KEYS[base]}.{kind}"
-        else:
-            raise ModelLoadError(f"GGUF tensor {t.name!r} unknown")
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
+            self._tensors[key] = t
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensors[key].shape))  # GGUF: fastest first
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t = self._tensors[key]
         try:
-            array = dequantize(t.data, t.tensor_type).reshape(shape)
+            array = dequantize(t.data, t.tensor_type).reshape(self.shape(key))
         except (ValueError, NotImplementedError) as exc:
             raise ModelLoadError(f"GGUF tensor {t.name!r}: cannot dequantize ({exc})") from exc
         tensor = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))  # owned, writable
         if key.endswith("q_proj.weight"):
-            tensor = _unpermute(tensor, config.num_heads)
+            tensor = _unpermute(tensor, self.config.num_heads)
         elif key.endswith("k_proj.weight"):
-            tensor = _unpermute(tensor, config.num_kv_heads)
-        out[key] = tensor
-    return out
+            tensor = _unpermute(tensor, self.config.num_kv_heads)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def gguf_tensors(reader: Any, config: ModelConfig) -> GGUFTensors:
+    """float32 tensors by Hugging Face key, read lazily."""
+    return GGUFTensors(reader, config)

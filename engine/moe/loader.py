@@ -12,16 +12,15 @@ expected shape and every other key is an error, except rotary buffers and DeepSe
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from ruyiflow.engine.errors import ModelLoadError
-from ruyiflow.engine.fingerprint import fingerprint
-from ruyiflow.engine.loaders.safetensors_loader import checkpoint_files
+from ruyiflow.engine.device import free_memory
+from ruyiflow.engine.fingerprint import SampledTensors, fingerprint
+from ruyiflow.engine.loaders.safetensors_loader import SafetensorsCheckpoint
 from ruyiflow.engine.moe.config import MoEConfig
 from ruyiflow.engine.moe.hf_config import moe_config_from_hf
 from ruyiflow.engine.moe.memory import check_memory, estimate_memory
@@ -33,50 +32,18 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
-class LazyTensors(Mapping[str, torch.Tensor]):
-    """{key: tensor} over the shards of a checkpoint; a tensor is read when indexed."""
-
-    def __init__(self, path: Path):
-        self._where: dict[str, Path] = {}
-        self._handles: dict[Path, Any] = {}
-        for file in checkpoint_files(path):
-            for key in self._open(file).keys():
-                if key in self._where:
-                    raise ModelLoadError(f"{file.name}: tensor {key!r} appears in two shards")
-                self._where[key] = file
-
-    def _open(self, file: Path) -> Any:
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise ModelLoadError(f"{file}: cannot read safetensors ({exc})") from exc
-        return self._handles[file]
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._open(self._where[key]).get_tensor(key)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._open(self._where[key]).get_slice(key).get_shape())
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-
 class MoEKeyReader(KeyReader):
     """KeyReader over lazily read shards; DeepSeek's next-token-prediction layers are skipped."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, config: MoEConfig):
-        super().__init__(tensors, dtype)
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        dtype: torch.dtype,
+        config: MoEConfig,
+        device: torch.device | str = "cpu",
+    ):
+        super().__init__(tensors, dtype, device)
         self.config = config
-
-    def shape_of(self, key: str) -> tuple[int, ...]:
-        if isinstance(self.tensors, LazyTensors):
-            return self.tensors.shape(key)
-        return super().shape_of(key)
 
     def is_ignored(self, key: str) -> bool:
         if key.endswith(IGNORED_SUFFIXES):
@@ -87,11 +54,14 @@ class MoEKeyReader(KeyReader):
 
 
 def build_moe_model(
-    config: MoEConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype
+    config: MoEConfig,
+    tensors: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
 ) -> MoEModel:
-    """Checkpoint tensors (released key names) -> MoEModel in `dtype`."""
+    """Checkpoint tensors (released key names) -> MoEModel in `dtype` on `device`."""
     c = config
-    keys = MoEKeyReader(tensors, dtype, c)
+    keys = MoEKeyReader(tensors, dtype, c, device)
     vocab_shape = (c.vocab_size, c.hidden_size)
     embed = keys.take("model.embed_tokens.weight", vocab_shape)
     layers = [build_layer(keys, i) for i in range(c.num_layers)]
@@ -108,12 +78,17 @@ def load_moe_dir(
     max_context: int | None = None,
     max_batch: int | None = None,
     available_bytes: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[MoEConfig, MoEModel, str]:
     """(config, model, fingerprint) of the MoE checkpoint at `path` whose parsed config.json is
-    `hf`. Refuses before reading any weight when weights + KV cache for `max_batch` sequences of
-    `max_context` tokens do not fit in memory (`engine.moe.memory`)."""
+    `hf`, on `device`. Refuses before reading any weight when weights + KV cache for `max_batch`
+    sequences of `max_context` tokens do not fit in memory (`engine.moe.memory`; on CUDA, the
+    device's free memory)."""
     config = moe_config_from_hf(hf)
+    device = torch.device(device)
+    if available_bytes is None and device.type == "cuda":
+        available_bytes = free_memory(device)
     check_memory(estimate_memory(config, dtype, max_context, max_batch), available_bytes)
-    tensors = LazyTensors(path)
-    model = build_moe_model(config, tensors, dtype)
+    tensors = SampledTensors(SafetensorsCheckpoint(path))
+    model = build_moe_model(config, tensors, dtype, device)
     return config, model, fingerprint(config, tensors)

@@ -11,12 +11,15 @@ sequence's last row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ruyiflow.engine.attention import Geometry, gqa_attention
+from ruyiflow.engine.attention import Geometry, Segment, gqa_attention
 from ruyiflow.engine.batch import Work
 from ruyiflow.engine.errors import InvalidRequest
+from ruyiflow.engine.kv_pool import PageGeometry
+from ruyiflow.engine.kv_step import make_step
 from ruyiflow.engine.layers import last_logits, pack
 from ruyiflow.engine.moe.attention import GQAWeights
 from ruyiflow.engine.moe.cache import MoECache
@@ -25,6 +28,7 @@ from ruyiflow.engine.moe.mla import MLAWeights, mla_attention
 from ruyiflow.engine.moe.moe_block import DenseFFN, MoEFFN
 from ruyiflow.engine.moe.rope import rope_table, softmax_scale
 from ruyiflow.engine.ops import rms, rms_residual
+from ruyiflow.engine.paging import PageLayout
 
 
 @dataclass
@@ -61,7 +65,8 @@ class MoEModel:
         self.layers = layers
         self.norm = norm  # [hidden]
         self.head = head  # [vocab, hidden]; the embedding itself when tied
-        self.rope = rope_table(config.rope, dtype)
+        self.device = embed.device
+        self.rope = rope_table(config.rope, dtype, self.device)
         c = config
         if c.mla is not None:
             self.scale = softmax_scale(c.rope, c.mla.qk_head_dim)
@@ -69,10 +74,21 @@ class MoEModel:
             self.gqa = Geometry(c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, c.qk_norm)
 
     def new_cache(self) -> MoECache:
+        """A contiguous cache (the simple path; the runner serves from a paged pool)."""
         c = self.config
         if c.mla is not None:
-            return MoECache.for_mla(c.num_layers, c.mla.latent_dim, self.dtype)
-        return MoECache.for_gqa(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+            return MoECache.for_mla(c.num_layers, c.mla.latent_dim, self.dtype, self.device)
+        return MoECache.for_gqa(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+
+    def page_geometry(self, block_size: int) -> PageGeometry:
+        c = self.config
+        if c.mla is not None:
+            return PageGeometry(block_size, latent_dim=c.mla.latent_dim)
+        return PageGeometry(block_size, c.num_kv_heads, c.head_dim)
+
+    def page_layout(self, block_size: int) -> PageLayout:
+        """One slot per layer, no exits to move between."""
+        return PageLayout(block_size, self.config.num_layers)
 
     # -- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -87,9 +103,27 @@ class MoEModel:
                     f"work starts at {w.start} but its cache holds {w.cache.length} positions"
                 )
         segments, h, cos, sin = pack(works, self.rope, self.embed)  # h [rows, hidden]
+        step = make_step(works, segments)
+        exits = [w.exit for w in works]
+        logits = self.run_layers(h, cos, sin, segments, exits, [w.want_logits for w in works], step)
+        for w in works:
+            w.cache.length = w.start + len(w.token_ids)
+        return logits
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: list[Segment],
+        exits: list[int],
+        wanted: list[bool],
+        step: Any,
+    ) -> list[torch.Tensor | None]:
+        """Every layer of a packed batch, then the head on the wanted rows: device ops only
+        (what a CUDA graph of a decode step captures). `exits` are all the last layer."""
         eps = self.config.rms_norm_eps
         for i, layer in enumerate(self.layers):
-            caches = [w.cache.layer(i) for w in works]
             x = rms(h, layer.input_norm, eps)
             if isinstance(layer.attn, MLAWeights):
                 a = mla_attention(
@@ -101,15 +135,12 @@ class MoEModel:
                     cos,
                     sin,
                     segments,
-                    caches,
+                    step.latent(i),
                 )
             else:
-                a = gqa_attention(layer.attn, x, self.gqa, cos, sin, segments, caches)
+                a = gqa_attention(layer.attn, x, self.gqa, cos, sin, segments, step.layer(i))
             x, h = rms_residual(a, h, layer.post_norm, eps)
             h = h + layer.ffn(x)
-        for w in works:
-            w.cache.length = w.start + len(w.token_ids)
-        wanted = [w.want_logits for w in works]
         return last_logits(h, segments, wanted, self.norm, self.head, eps)
 
     def switch_exit(self, cache: MoECache, from_exit: int, to_exit: int) -> None:

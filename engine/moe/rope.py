@@ -78,7 +78,7 @@ def deinterleave_rows(weight: torch.Tensor, groups: int, rope_dim: int) -> torch
     return torch.cat([rows[:, : rows.shape[1] - rope_dim], rope_rows], dim=1).reshape(weight.shape)
 
 
-def rope_table(rope: MoERope, dtype: torch.dtype) -> RopeTable:
+def rope_table(rope: MoERope, dtype: torch.dtype, device: torch.device | str = "cpu") -> RopeTable:
     """cos/sin table for an MoE family's RoPE (NTK-alpha / YaRN frequencies and factor)."""
     inv_freq, attention_factor = inv_frequencies(rope)
-    return RopeTable(inv_freq, dtype, attention_factor)
+    return RopeTable(inv_freq, dtype, attention_factor, device=device)

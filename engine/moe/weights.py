@@ -118,8 +118,8 @@ def _moe(keys: KeyReader, mlp: str, c: MoEConfig) -> MoEFFN:
     hid, inter, num = c.hidden_size, c.moe_intermediate_size, c.num_experts
     shared_inter = c.shared_intermediate_size
     slots = shared_inter // inter if shared_inter % inter == 0 else 0  # shared as expert slices
-    w_gate_up = torch.empty(num + slots, 2 * inter, hid, dtype=keys.dtype)
-    w_down = torch.empty(num + slots, hid, inter, dtype=keys.dtype)
+    w_gate_up = torch.empty(num + slots, 2 * inter, hid, dtype=keys.dtype, device=keys.device)
+    w_down = torch.empty(num + slots, hid, inter, dtype=keys.dtype, device=keys.device)
     if keys.has(f"{mlp}.experts.gate_up_proj"):  # transformers-5 in-memory layout
         w_gate_up[:num] = keys.take(f"{mlp}.experts.gate_up_proj", (num, 2 * inter, hid))
         w_down[:num] = keys.take(f"{mlp}.experts.down_proj", (num, hid, inter))

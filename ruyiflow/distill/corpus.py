@@ -114,8 +114,12 @@ def _generate(
     on_finish: Callable[[int, Sample, SequenceCache], None] | None,
 ) -> list[Sample]:
     from ruyiflow.engine.engine import Engine
+    from ruyiflow.engine.kv_pool import CacheConfig
+    from ruyiflow.engine.torch_runner import TorchRunner
 
-    engine = Engine(loaded, max_batch=max_batch)
+    # contiguous caches: `on_finish` reads a finished sequence's boundary states, which a paged
+    # pool would already have taken back
+    engine = Engine(TorchRunner(loaded, CacheConfig(paged=False)), max_batch=max_batch)
     last = loaded.config.last_exit
     order: list[str] = []
     prompts: dict[str, list[int]] = {}

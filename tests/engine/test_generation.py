@@ -81,7 +81,9 @@ def test_switch_keeps_only_valid_cache(smollm2):
     cache = engine.sequences[sid].cache
     assert cache.num_trunk_layers() == 29
     engine.switch_exit(sid, 16)
-    assert cache.num_trunk_layers() == 16 and set(cache.branch) == {16}
+    assert cache.num_trunk_layers() == 16 and cache.branch_exits() == {16}
+    # pages of the deeper trunk layers, branches and boundaries went back to the pool
+    assert cache.num_blocks() == cache.layout.blocks_for(16, cache.length)
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,11 @@
-"""Tiny MoE checkpoints, written once per session: {variant: (path, transformers model, loaded)}."""
+"""Tiny MoE checkpoints, written once per session: {variant: (path, transformers model, loaded)};
+every pool returns to full after each test (`tests.engine.pool_check`)."""
 
 from __future__ import annotations
 
 import pytest
 
+from tests.engine import pool_check
 from tests.moe.tiny_moe import save_moe
 
 YARN = {
@@ -43,3 +45,8 @@ def tiny_moe(tmp_path_factory):
         return built[variant]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def pool_returns_to_full(monkeypatch: pytest.MonkeyPatch):
+    yield from pool_check.pool_returns_to_full(monkeypatch)
