@@ -3,7 +3,11 @@ a ratio against a baseline measured in the same run (transformers `generate` on 
 the memory-bandwidth bound, single stream, the last exit, re-prefilling).
 
 The table and the JSON name the CPU GEMV path that ran (`kernels.cpu_gemv.active_path()`);
-`RUYIFLOW_CPU_GEMV=avx2` (or `avx512`, `plain`, `off`) forces one."""
+`RUYIFLOW_CPU_GEMV=avx2` (or `avx512`, `plain`, `off`) forces one. They also give what one position
+costs in the paged KV pool (K/V of every layer run plus the exits' boundary states) and the pool's
+occupancy at 8 and 64 concurrent sequences: pages held as a share of the pool, and the share of
+the held pages' bytes that hold positions (the rest is the unfilled tail of each sequence's last
+page per slot). `--device cuda` runs both sides on a CUDA device (`bench gpu` is the full check)."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=64, help="decode tokens per measurement")
     p.add_argument("--context", type=int, default=512, help="context for the branch-switch figure")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both sides run there)")
     p.add_argument("--json", action="store_true")
 
 
@@ -46,8 +51,11 @@ def weight_bytes(model, exit_layer: int) -> int:
     return model.branch_parameters(exit_layer) * model.embed.element_size()
 
 
-def decode_rate(engine: Engine, n: int, exit_layer: int, batch: int = 1) -> float:
-    """Aggregate decode tokens/s over `batch` concurrent greedy streams (prefill excluded)."""
+def decode_rate(
+    engine: Engine, n: int, exit_layer: int, batch: int = 1, pages: list[int] | None = None
+) -> float:
+    """Aggregate decode tokens/s over `batch` concurrent greedy streams (prefill excluded);
+    `pages` gets the most KV pages the pool had taken at once."""
     ids = [
         engine.add_request(
             [*PROMPT, i], SamplingParams(max_tokens=n + 1, ignore_eos=True), exit_layer
@@ -55,11 +63,16 @@ def decode_rate(engine: Engine, n: int, exit_layer: int, batch: int = 1) -> floa
         for i in range(batch)
     ]
     engine.step()  # prefill + first token
+    allocator = engine.scheduler.allocator
+    most = allocator.num_used if allocator else 0
     t = time.perf_counter()
     count = 0
     while engine.has_work():
         count += len(engine.step())
+        most = max(most, allocator.num_used) if allocator else 0
     elapsed = time.perf_counter() - t
+    if pages is not None:
+        pages.append(most)
     assert not any(i in engine.sequences for i in ids)
     return count / elapsed
 
@@ -98,9 +111,12 @@ def transformers_rate(loaded, n: int) -> float:
             layer.mlp.down_proj.weight.copy_(ours.w_down)
             layer.input_layernorm.weight.copy_(ours.input_norm)
             layer.post_attention_layernorm.weight.copy_(ours.post_norm)
-    ids = torch.tensor([PROMPT])
+    hf = hf.to(m.device)
+    ids = torch.tensor([PROMPT], device=m.device)
 
     def timed(new: int) -> float:
+        if m.device.type == "cuda":
+            torch.cuda.synchronize(m.device)
         t = time.perf_counter()
         hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
         return time.perf_counter() - t
@@ -133,9 +149,14 @@ def switch_vs_prefill(loaded, context: int) -> tuple[float, float]:
 def run(args: argparse.Namespace) -> int:
     n = args.tokens
     gemv = cpu_gemv.active_path()  # builds the kernel (or raises for a path the CPU lacks) first
-    bandwidth = memory_bandwidth()
-    f32 = load_model("smollm2", "float32")
-    bf16 = load_model("smollm2", "bfloat16")
+    f32 = load_model("smollm2", "float32", device=args.device)
+    bf16 = load_model("smollm2", "bfloat16", device=args.device)
+    if f32.model.device.type == "cuda":
+        from ruyiflow.bench.gpu_figures import copy_bandwidth
+
+        bandwidth = copy_bandwidth(f32.model.device)
+    else:
+        bandwidth = memory_bandwidth()
     last = f32.config.last_exit
     rows = []
     ours = decode_rate(Engine(f32), n, last)
@@ -168,8 +189,12 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     rows.append(("single stream bf16, GEMV 2 threads", bf16_2, "transformers generate f32", hf))
-    batch8 = decode_rate(Engine(f32, max_batch=8), n, last, batch=8)
+    held: list[int] = []
+    batch8 = decode_rate(Engine(f32, max_batch=8), n, last, batch=8, pages=held)
     rows.append(("batch-8 aggregate f32 (tok/s)", batch8, "single stream f32", ours))
+    batch64 = decode_rate(Engine(f32, max_batch=64), n, last, batch=64, pages=held)
+    rows.append(("batch-64 aggregate f32 (tok/s)", batch64, "single stream f32", ours))
+    pool = pool_figures(f32, last, len(PROMPT) + 1 + n, dict(zip((8, 64), held, strict=True)))
     for e in f32.config.exits[:-1]:
         rate = decode_rate(Engine(f32), n, e)
         rows.append(
@@ -206,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
                     "bandwidth_gb_s": round(bandwidth / 1e9, 2),
                     "threads": torch.get_num_threads(),
                     "gemv_path": gemv,
+                    "device": args.device,
+                    "kv_pool": pool,
                     "rows": report,
                 },
                 indent=2,
@@ -221,4 +248,48 @@ def run(args: argparse.Namespace) -> int:
         value = "-" if r["baseline_value"] is None else f"{r['baseline_value']:.2f}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         print(f"{r['figure']:<38} {r['ours']:>9.2f}  {r['baseline']:<44} {value:>9} {ratio:>7}")
+    print(
+        f"KV pool (f32, exit {last}): {pool['bytes_per_token']:,} bytes per position "
+        f"({pool['kv_bytes_per_token']:,} K/V + {pool['boundary_bytes_per_token']:,} boundary "
+        f"states), {pool['num_pages']:,} pages of {pool['block_size']} positions "
+        f"({pool['pool_mib']:.0f} MiB)"
+    )
+    for o in pool["occupancy"]:
+        print(
+            f"  {o['sequences']:>3} sequences of {o['positions']} positions: "
+            f"{o['pages_held']:,} pages held ({o['pool_share']:.1%} of the pool), "
+            f"{o['fill']:.1%} of their bytes hold positions"
+        )
     return 0
+
+
+def pool_figures(loaded, exit_layer: int, positions: int, held: dict[int, int]) -> dict:
+    """What a position costs in the engine's paged pool at `exit_layer`, and the pool's
+    occupancy with `held[count]` pages taken by `count` sequences of `positions` positions."""
+    from ruyiflow.engine.torch_runner import TorchRunner
+
+    runner = TorchRunner(loaded)
+    pool, layout = runner.pool, runner.pool.layout
+    geometry, elem = pool.geometry, pool.pages.element_size()
+    total = geometry.elems_per_token(layout, exit_layer) * elem
+    boundary = sum(1 for s in layout.slots_for(exit_layer) if layout.is_boundary(s))
+    boundary_bytes = boundary * geometry.hidden_size * elem
+    occupancy = [
+        {
+            "sequences": count,
+            "positions": positions,
+            "pages_held": pages,
+            "pool_share": pages / pool.allocator.num_blocks,
+            "fill": count * positions * total / (pages * pool.page_bytes),
+        }
+        for count, pages in held.items()
+    ]
+    return {
+        "bytes_per_token": total,
+        "kv_bytes_per_token": total - boundary_bytes,
+        "boundary_bytes_per_token": boundary_bytes,
+        "block_size": pool.block_size,
+        "num_pages": pool.allocator.num_blocks,
+        "pool_mib": pool.allocator.num_blocks * pool.page_bytes / 2**20,
+        "occupancy": occupancy,
+    }

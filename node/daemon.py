@@ -55,6 +55,7 @@ def open_engine(topology: Topology, spec: NodeSpec) -> Engine:
             max_context=spec.max_context,
             max_batch=spec.max_batch,
             overlay=model_spec.overlay_arg,
+            device=spec.device,
         )
         missing = [e for e in spec.exits if e not in runner.config.exits]
         if missing:

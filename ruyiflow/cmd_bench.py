@@ -11,6 +11,7 @@ BENCHES = {
     "moe": "ruyiflow.bench.moe",
     "cpu-gemv": "ruyiflow.bench.cpu_gemv",
     "edge": "ruyiflow.bench.edge",
+    "gpu": "ruyiflow.bench.gpu",
     "tls": "ruyiflow.bench.tls",
 }
 

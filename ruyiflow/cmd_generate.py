@@ -10,11 +10,18 @@ import time
 from ruyiflow.engine.errors import InvalidRequest
 
 
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default="cpu", help="where weights, KV cache and compute run: cpu, cuda, cuda:N"
+    )
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default="smollm2", help="model dir, .gguf file, or 'smollm2' (default)"
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_device_argument(p)
     p.add_argument(
         "--extra-exits",
         default=None,
@@ -65,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--providers", default=None, help="onnxruntime execution providers, comma-separated"
     )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay decode steps as CUDA graphs (needs --device cuda; off by default until "
+        "`ruyiflow bench gpu` has verified them on a device)",
+    )
     p.add_argument("prompt", nargs="?", default=None)
 
 
@@ -94,7 +107,7 @@ def load_from_args(args: argparse.Namespace):
     from ruyiflow.engine.checkpoint import load_model
 
     extra = parse_ids(args.extra_exits) if args.extra_exits else None
-    return load_model(args.model, args.dtype, extra, overlay=args.overlay)
+    return load_model(args.model, args.dtype, extra, overlay=args.overlay, device=args.device)
 
 
 def prompt_ids_from_args(args: argparse.Namespace, tokenizer) -> list[int]:
@@ -118,15 +131,23 @@ def engine_from_args(args: argparse.Namespace):
 
         if not args.onnx:
             raise InvalidRequest("--backend onnxruntime needs --onnx DIR (see export-onnx)")
+        if args.device != "cpu" or args.cuda_graphs:
+            raise InvalidRequest(
+                "--device and --cuda-graphs are the torch backend's; onnxruntime uses --providers"
+            )
         providers = [p for p in (args.providers or "").split(",") if p]
         engine = open_export(args.onnx, providers, max_batch=1)
         return engine, engine.tokenizer
     if args.onnx or args.providers:
         raise InvalidRequest("--onnx and --providers need --backend onnxruntime")
+    # (onnxruntime picks its device through --providers; --device is the torch runner's)
+    from ruyiflow.engine.cuda_graphs import GraphConfig
     from ruyiflow.engine.engine import Engine
+    from ruyiflow.engine.torch_runner import TorchRunner
 
     loaded = load_from_args(args)
-    return Engine(loaded, max_batch=1), loaded.tokenizer
+    graphs = GraphConfig(enabled=args.cuda_graphs)
+    return Engine(TorchRunner(loaded, graphs=graphs), max_batch=1), loaded.tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
