@@ -6,8 +6,11 @@ topology, and a topology identity calling a method that is not its own."""
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -175,3 +178,27 @@ def test_the_shipped_tls_topology_loads_and_gets_certificates(tmp_path):
     make_certs(copy, tmp_path / "certs")
     files = tls_files(load_topology(copy), "edge-0")
     assert all(p.is_file() for p in (files.ca, files.cert, files.key))
+
+
+def cli(secure, *args: str) -> subprocess.CompletedProcess:
+    argv = [
+        sys.executable,
+        "-m",
+        "ruyiflow",
+        *args,
+        "--topology",
+        str(secure.root / "topology.yaml"),
+    ]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+def test_the_command_line_talks_mtls_as_operator(secure):
+    done = cli(secure, "query", "--max-tokens", "2", "--json", "Hi there!")
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["token_ids"]) == 2
+    drained = cli(secure, "drain", "edge-0")
+    assert drained.returncode == 0, drained.stderr
+    undone = cli(secure, "drain", "edge-0", "--undo")
+    assert undone.returncode == 0, undone.stderr
+    operator = node_stub(secure, "operator", tls_files(secure.topology, "operator"))
+    assert not operator.Info(pb.InfoRequest(), timeout=5).draining
