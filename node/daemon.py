@@ -105,9 +105,16 @@ def run_node(
         )
     model_spec = topology.model(spec.model)
     stop = stop or threading.Event()
+    is_loading = [True]
+
+    def on_signal(*_: object) -> None:
+        if is_loading[0]:  # nothing admitted yet, nothing to drain: leave now, not after the load
+            os._exit(0)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         if threading.current_thread() is threading.main_thread():
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
 
     metrics = NodeMetrics(name, tier)
     tls = tls_files(topology, name)  # mTLS: callers must show a certificate of the cluster CA
@@ -145,6 +152,7 @@ def run_node(
         opened.facts,
         opened.tokenizer,
     )
+    is_loading[0] = False
 
     def follow(is_up: bool) -> None:  # an external engine's health is the node's
         is_serving = is_up and not servicer.admission.is_draining
