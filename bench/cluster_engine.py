@@ -27,6 +27,7 @@ from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 from ruyiflow.router.client import build_request
 
 QUESTION = "What is the capital of France?"
+IDLE_S = 5.0
 Timing = tuple[float, list[float]]  # (TTFT, inter-token gaps), seconds
 
 
@@ -117,17 +118,26 @@ def measure(
 
         with ThreadPoolExecutor(streams) as pool:
             list(pool.map(one_round, range(streams)))  # warm connections
+            idle = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            time.sleep(IDLE_S)  # what the processes burn with nothing to do (polls, timers)
+            idle = {name: (cpu_seconds(pid) - idle[name]) / IDLE_S for name, pid in pids.items()}
             load_start = os.getloadavg()[0]
             cpu_start = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            started = time.monotonic()
             results = list(pool.map(one_round, range(rounds)))
-            cpu = {name: cpu_seconds(pid) - cpu_start[name] for name, pid in pids.items()}
+            elapsed = time.monotonic() - started
+            cpu = {
+                name: cpu_seconds(pid) - cpu_start[name] - idle[name] * elapsed
+                for name, pid in pids.items()
+            }
     # the machine's 1-minute load over the level: latencies on a shared machine depend on it
     out: dict[str, float] = {
         "streams": streams,
         "load_1m_start": load_start,
         "load_1m_end": os.getloadavg()[0],
-        # CPU time per request, whatever the machine's load: what the routed path costs
-        # (router + node, per routed request) beside the engine (per request, both probes)
+        # CPU time per request beyond the processes' idle rate, whatever the machine's load:
+        # what the routed path costs (router + node, per routed request) beside the engine
+        # (per request, both probes)
         "path_cpu_ms_per_request": (cpu["router"] + cpu["node"]) / rounds * 1e3,
         "engine_cpu_ms_per_request": cpu["engine"] / (2 * rounds) * 1e3,
     }
