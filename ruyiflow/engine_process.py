@@ -2,10 +2,17 @@
 start each before the nodes, tell when its `/v1/models` answers, restart it when it dies
 (with a growing pause, up to `MAX_RESTARTS` times), and stop it last. While an engine is down
 its node is NOT_SERVING and the router serves elsewhere; once it answers again, the node
-serves again."""
+serves again.
+
+Engines are protected like the daemons (`ruyiflow.supervisor.spawn`): each runs in its own
+process group, stopped as a group (SIGTERM, then SIGKILL after the grace), and asks the kernel
+for SIGKILL when `up` dies, even by SIGKILL. That signal follows the thread that spawned the
+engine, so a restart happens under the supervisor's lock and `stop` stops the engines before
+that thread ends."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ruyiflow.cluster.topology import Topology
+from ruyiflow.supervisor import signal_group, spawn
 
 MAX_RESTARTS = 5
 RESTART_PAUSE_S = 1.0  # doubled after each restart
@@ -39,13 +47,7 @@ class EngineProcess:
         return f"{self.node}.engine"
 
     def start(self) -> None:
-        out = None
-        if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_path, "ab")  # noqa: SIM115 (closed with the child)
-        self.proc = subprocess.Popen(
-            list(self.argv), stdout=out, stderr=subprocess.STDOUT if out else None
-        )
+        self.proc = spawn(list(self.argv), self.log_path)
 
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -77,14 +79,18 @@ class EngineProcess:
         return f"engine of {self.node} restarted ({self.num_restarts}/{MAX_RESTARTS})"
 
     def stop(self, grace: float) -> None:
-        if not self.is_alive():
+        """SIGTERM the engine's process group, SIGKILL after `grace` seconds; then SIGKILL
+        whatever the engine left in its group (workers it started)."""
+        if self.proc is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc.poll() is None:
+            signal_group(self.proc, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                signal_group(self.proc, signal.SIGKILL)
+                self.proc.wait()
+        signal_group(self.proc, signal.SIGKILL)
 
 
 def expand_argv(argv: tuple[str, ...]) -> tuple[str, ...]:
@@ -120,6 +126,7 @@ class EngineSupervisor:
         self.engines = engines
         self.quiet = quiet
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # no restart while `stop` runs
         self._thread = threading.Thread(target=self._run, name="engines", daemon=True)
 
     def start(self) -> None:
@@ -130,14 +137,20 @@ class EngineSupervisor:
 
     def _run(self) -> None:
         while not self._stop.wait(SUPERVISE_INTERVAL_S):
-            for engine in self.engines:
-                line = engine.supervise()
-                if line and not self.quiet:
-                    print(f"[up] {line}", file=sys.stderr, flush=True)
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                for engine in self.engines:
+                    line = engine.supervise()
+                    if line and not self.quiet:
+                        print(f"[up] {line}", file=sys.stderr, flush=True)
 
     def stop(self, grace: float) -> None:
+        """Stop every engine, then the thread (an engine it restarted dies with it)."""
         self._stop.set()
+        with self._lock:
+            deadline = time.monotonic() + grace
+            for engine in self.engines:
+                engine.stop(max(0.1, deadline - time.monotonic()))
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        for engine in self.engines:
-            engine.stop(grace)
