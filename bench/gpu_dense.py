@@ -55,6 +55,7 @@ def dense_figures(args: argparse.Namespace, device: torch.device, path: Path, re
     budget = (64 << 20) if dry else int(args.kv_gib * 2**30)
     runner = TorchRunner(loaded, CacheConfig(kv_cache_bytes=budget))
     bandwidth = fig.copy_bandwidth(device, gib=0.25 if dry else 2.0)
+    fig.decode_rate(Engine(runner, max_batch=1), last, 4)  # warm-up: Triton compiles its kernels
     rates = {e: fig.decode_rate(Engine(runner, max_batch=1), e, n) for e in exits}
     for e in exits:
         bound = bandwidth / fig.token_bytes(model, e)
@@ -99,6 +100,7 @@ def graph_figures(loaded, n: int, last: int, eager_rate: float, report: Report) 
     """Single-stream decode with CUDA graphs vs eager, and whether their greedy tokens agree."""
     cache = CacheConfig(kv_cache_bytes=4 << 30)
     runner = TorchRunner(loaded, cache, GraphConfig(enabled=True, max_context=4096))
+    fig.decode_rate(Engine(runner, max_batch=1), last, 4)  # warm-up: captures the 1-row graph
     graphed = fig.decode_rate(Engine(runner, max_batch=1), last, n)
     report.add(f"exit {last} with CUDA graphs (tok/s)", graphed, "eager", eager_rate)
     params = SamplingParams(max_tokens=48, ignore_eos=True)

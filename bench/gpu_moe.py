@@ -47,7 +47,9 @@ def moe_figures(args: argparse.Namespace, device: torch.device, path: Path, repo
     )
     budget = (64 << 20) if dry else (4 << 30)
     runner = TorchRunner(loaded, CacheConfig(kv_cache_bytes=budget))
-    rate = fig.decode_rate(Engine(runner, max_batch=1), loaded.config.last_exit, n)
+    last = loaded.config.last_exit
+    fig.decode_rate(Engine(runner, max_batch=1), last, 4)  # warm-up: Triton compiles its kernels
+    rate = fig.decode_rate(Engine(runner, max_batch=1), last, n)
     report.add(
         f"MoE {args.moe_layers} layers single stream (tok/s)",
         rate,

@@ -127,6 +127,8 @@ class BlockTable:
 
     def num_needed(self, exit_layer: int, length: int) -> int:
         """Pages to add so every slot of `exit_layer` covers `length` positions."""
+        if exit_layer == self._covered[0] and length <= self._covered[1]:
+            return 0  # the common decode step: still inside the last pages (no slot walk)
         layout, held = self.layout, self.blocks
         return sum(
             max(0, cdiv(length, layout.slot_block_size(s)) - len(held.get(s, ())))
