@@ -137,7 +137,11 @@ class NodeSpec:
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name")
-        _check(self.name != "router", "name", "'router' is reserved for the router")
+        _check(
+            self.name != "router" and not re.fullmatch(r"router-\d+", self.name),
+            "name",
+            "'router' and 'router-N' are reserved for the routers",
+        )
         _check_one_of(self.tier, TIERS, "tier")
         for key in ("listen", "metrics"):
             try:
@@ -265,6 +269,23 @@ class HandoffPolicy:
 
 
 @dataclass(frozen=True)
+class RouterReplica:
+    """Another router of the same topology (`router.replicas`): its own gRPC, metrics and
+    OpenAI API addresses (empty `http`: not served); everything else is the router's."""
+
+    listen: str
+    metrics: str
+    http: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("listen", "metrics", "http")[: 3 if self.http else 2]:
+            try:
+                parse_address(getattr(self, key))
+            except TopologyError as exc:
+                raise TopologyError(exc.problem, key) from None
+
+
+@dataclass(frozen=True)
 class RouterSpec:
     """The router: addresses, scorer, score → exit thresholds, escalation and handoff policy.
     `model` is the routed model (default: the topology's only model); `http` is where the
@@ -286,6 +307,14 @@ class RouterSpec:
     stream_idle_timeout_s: float = 20.0
     # Consecutive failed health checks (0.5 s apart) before a node counts as down.
     health_failures: int = 3
+    # More routers `ruyiflow up` runs (clients list every `listens`; a stream whose router
+    # dies resumes on another).
+    replicas: tuple[RouterReplica, ...] = ()
+
+    @property
+    def listens(self) -> tuple[str, ...]:
+        """The gRPC address of every router: this one, then the replicas."""
+        return (self.listen, *(r.listen for r in self.replicas))
 
     def __post_init__(self) -> None:
         for key in ("listen", "metrics", "http")[: 3 if self.http else 2]:
@@ -382,14 +411,14 @@ class Topology:
         _check(len(self.nodes) > 0, "nodes", "must list at least one node")
         names: set[str] = set()
         addresses: dict[str, str] = {}
-        for key in ("listen", "metrics", "http"):
-            address = getattr(self.router, key)
-            other = addresses.setdefault(address, f"router.{key}") if address else f"router.{key}"
-            _check(
-                other == f"router.{key}",
-                f"router.{key}",
-                f"address {address} already used by {other}",
-            )
+        routers = [("router", self.router)]
+        routers += [(f"router.replicas[{i}]", r) for i, r in enumerate(self.router.replicas)]
+        for path, router in routers:
+            for key in ("listen", "metrics", "http"):
+                address = getattr(router, key)
+                here = f"{path}.{key}"
+                other = addresses.setdefault(address, here) if address else here
+                _check(other == here, here, f"address {address} already used by {other}")
         for i, node in enumerate(self.nodes):
             _check(node.name not in names, f"nodes[{i}].name", f"duplicate node {node.name!r}")
             names.add(node.name)

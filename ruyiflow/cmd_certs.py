@@ -131,7 +131,9 @@ def make_certs(topology_path: str | Path, out: str | Path, days: int = DAYS) -> 
         return [parse_address(a, allow_zero=True)[0] for a in addresses if a]
 
     router = topology.router
-    processes = {"router": hosts(router.listen, router.metrics, router.http), "operator": []}
+    replicas = [a for r in router.replicas for a in (r.listen, r.metrics, r.http)]
+    router_hosts = hosts(router.listen, router.metrics, router.http, *replicas)
+    processes = {"router": list(dict.fromkeys(router_hosts)), "operator": []}
     for node in topology.nodes:
         processes[node.name] = hosts(node.listen, node.metrics)
     for name, names in processes.items():

@@ -8,7 +8,12 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--router", default=None, help="router address (default: the topology's)")
+    p.add_argument(
+        "--router",
+        default=None,
+        help="router address, or several of one cluster comma-separated (default: every "
+        "router of the topology); a stream resumes on the next if its router dies",
+    )
     p.add_argument("--topology", default="topology.yaml")
     p.add_argument("--max-tokens", type=int, default=128)
     group = p.add_mutually_exclusive_group()
@@ -26,12 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
 
 
-def router_address(args: argparse.Namespace) -> str:
+def router_address(args: argparse.Namespace) -> list[str]:
+    """`--router`'s addresses, else those of the topology's router and its replicas."""
     if args.router:
-        return args.router
+        return [a.strip() for a in args.router.split(",") if a.strip()]
     from ruyiflow.cluster.topology_yaml import load_topology
 
-    return load_topology(args.topology).router.listen
+    return list(load_topology(args.topology).router.listens)
 
 
 def client_tls(args: argparse.Namespace):  # noqa: ANN201

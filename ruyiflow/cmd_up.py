@@ -1,17 +1,19 @@
-"""`ruyiflow up`: start every process of a topology on this machine (router + one daemon per
-node, and first the external engines nodes name in `command:`), wait until all report healthy,
-optionally show a few routed queries, and stop them all on Ctrl-C / SIGTERM - at any moment,
-start-up included. A daemon that dies is restarted (`ruyiflow.supervisor`: a growing pause, a
-restart budget, counted in `ruyiflow_up_restarts_total` on `--metrics`); only one that used up
-its budget stops the cluster. Engines are restarted the same way (`ruyiflow.engine_process`).
-Children die with `up`, even when it is SIGKILLed (Linux), and taken ports are reported before
-anything is spawned."""
+"""`ruyiflow up`: start every process of a topology on this machine (the router and its
+`router.replicas`, one daemon per node, and first the external engines nodes name in
+`command:`), wait until all report healthy, optionally show a few routed queries, and stop them
+all on Ctrl-C / SIGTERM - at any moment, start-up included. A daemon that dies is restarted
+(`ruyiflow.supervisor`: a growing pause, a restart budget, counted in
+`ruyiflow_up_restarts_total` on `--metrics`); only one that used up its budget stops the
+cluster. Engines are restarted the same way (`ruyiflow.engine_process`). Children die with
+`up`, even when it is SIGKILLed (Linux), and taken ports are reported before anything is
+spawned."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -93,7 +95,24 @@ def children_of(topology_path: str, log_dir: Path | None = None) -> list[Child]:
         addresses["router.http"] = topo.router.http
     argv = [*base, "router", "--topology", topology_path]
     out.append(Child("router", argv, addresses, _log_path(log_dir, "router")))
+    for i, replica in enumerate(topo.router.replicas, 1):
+        name, path = f"router-{i}", f"router.replicas[{i - 1}]"
+        addresses = {f"{path}.listen": replica.listen, f"{path}.metrics": replica.metrics}
+        if replica.http:
+            addresses[f"{path}.http"] = replica.http
+        flags = ["--listen", replica.listen, "--metrics", replica.metrics, "--http", replica.http]
+        out.append(Child(name, [*argv, *flags], addresses, _log_path(log_dir, name)))
     return out
+
+
+def identity(child_name: str) -> str:
+    """The name a child proves under mTLS: every router of the topology is `router`."""
+    return "router" if is_router(child_name) else child_name
+
+
+def is_router(child_name: str) -> bool:
+    """`router`, or `router-N` for the Nth of `router.replicas` (no node is named so)."""
+    return child_name == "router" or bool(re.fullmatch(r"router-\d+", child_name))
 
 
 def _log_path(log_dir: Path | None, name: str) -> Path | None:
@@ -165,7 +184,10 @@ class Cluster:
             self._check_stop()
             states = {e.name: engine_state(e) for e in self.engines.engines}
             states.update(
-                {name: health(addr, 1.0, self.dialer, name) for name, _, addr in self.specs}
+                {
+                    name: health(addr, 1.0, self.dialer, identity(name))
+                    for name, _, addr in self.specs
+                }
             )
             given_up = self.supervise()
             if given_up:
@@ -182,8 +204,16 @@ class Cluster:
                 raise TimeoutError(f"not healthy after {timeout:.0f}s: {line}")
             self.stop_event.wait(0.5)
 
+    @property
+    def routers(self) -> list[str]:
+        """The gRPC address of every router this cluster runs (`router`, then the replicas)."""
+        return [addr for name, _, addr in self.specs if is_router(name)]
+
     def _router_sees_nodes(self) -> bool:
-        """The router has polled every node healthy (its registry lags process health)."""
+        """Every router has polled every node healthy (a registry lags process health)."""
+        return all(self._sees_nodes(router) for router in self.routers)
+
+    def _sees_nodes(self, router: str) -> bool:
         import grpc
 
         from ruyiflow.cluster.api_keys import client_key, key_metadata
@@ -191,14 +221,11 @@ class Cluster:
         from ruyiflow.proto import ruyiflow_pb2 as pb
         from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
-        router = [addr for name, _, addr in self.specs if name == "router"]
-        if not router:
-            return True
         keys_env = load_topology(self.topology_path).router.api_keys_env
         metadata = key_metadata(client_key(None, keys_env))
-        channel = grpc.insecure_channel(router[0])
+        channel = grpc.insecure_channel(router)
         if self.dialer is not None:
-            channel = self.dialer.channel(router[0], peer="router")
+            channel = self.dialer.channel(router, peer="router")
         with channel:
             try:
                 reply = pb_grpc.RouterStub(channel).ListNodes(
@@ -221,7 +248,7 @@ def engine_state(engine: EngineProcess) -> str:
     return "STARTING" if engine.is_alive() else "EXITED"
 
 
-def demo(router_address: str, api_key: str | None = None, tls=None) -> None:  # noqa: ANN001
+def demo(router_address: str | list[str], api_key: str | None = None, tls=None) -> None:  # noqa: ANN001
     from ruyiflow.router.client import RouterClient, format_trace
 
     print(
@@ -258,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"[up] supervisor metrics on port {metrics.port}", file=sys.stderr, flush=True)
         cluster.start()
         cluster.wait_healthy(args.timeout)
-        router = next(addr for name, _, addr in cluster.specs if name == "router")
+        router = ",".join(cluster.routers)
         print(
             f"[up] all healthy; router at {router}. Query with: ruyiflow query --router {router} "
             '"your prompt"   (Ctrl-C stops everything)',
@@ -272,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
 
             topology = load_topology(args.topology)
             key = client_key(None, topology.router.api_keys_env)
-            demo(router, key, tls_files(topology, "operator"))
+            demo(cluster.routers, key, tls_files(topology, "operator"))
             if args.exit_after_demo:
                 return 0
         while not stop.wait(0.5):
