@@ -150,11 +150,16 @@ def serve_grpc(
 
 
 class Admission:
-    """Counts in-flight calls and refuses new ones once draining began (thread-safe)."""
+    """Counts in-flight calls and refuses new ones once draining began (thread-safe). With
+    `max_tokens`, the calls in also share a token budget (`hold_tokens`)."""
 
-    def __init__(self, what: str = "server", max_in_flight: int | None = None) -> None:
+    def __init__(
+        self, what: str = "server", max_in_flight: int | None = None, max_tokens: int | None = None
+    ) -> None:
         self._what = what
         self._max_in_flight = max_in_flight
+        self._max_tokens = max_tokens
+        self._num_tokens = 0
         self._cond = threading.Condition()
         self._num_in_flight = 0
         self._is_draining = False
@@ -187,6 +192,30 @@ class Admission:
             with self._cond:
                 self._num_in_flight -= 1
                 self._cond.notify_all()
+
+    @property
+    def num_tokens(self) -> int:
+        return self._num_tokens
+
+    @contextlib.contextmanager
+    def hold_tokens(self, num_tokens: int) -> Iterator[None]:
+        """Hold `num_tokens` of the budget for an admitted call while it runs; RetryLater
+        (RESOURCE_EXHAUSTED) when the calls in already hold `max_tokens` with them. A call
+        alone is never refused here (the context limit bounds it)."""
+        with self._cond:
+            limit, held = self._max_tokens, self._num_tokens
+            if limit is not None and held > 0 and held + num_tokens > limit:
+                raise RetryLater(
+                    f"{self._what} is full ({held} of {limit} tokens held; "
+                    f"this request needs {num_tokens})",
+                    RETRY_AFTER_S,
+                )
+            self._num_tokens += num_tokens
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._num_tokens -= num_tokens
 
     def begin_drain(self, final: bool = True) -> int:
         """Refuse new calls from now on; returns how many are in flight. `final=False`: an

@@ -120,6 +120,10 @@ class NodeSpec:
     # Requests waiting beyond the running batch; more are refused (RESOURCE_EXHAUSTED) and the
     # router places them on another node. 0: 4 x max_batch.
     max_queue: int = 0
+    # KV the node takes on: prompt + max_tokens summed over the streams it holds (running or
+    # queued); a request past it is refused (RESOURCE_EXHAUSTED) and the router places it on
+    # another node. A request alone is always taken (max_context bounds it). 0: no bound.
+    max_queued_tokens: int = 0
     providers: tuple[str, ...] = ()  # onnxruntime execution providers, in preference order
     onnx_dir: str | None = None  # onnxruntime: exports `exit-<E>/` (default: the user cache)
     device: str = "cpu"  # torch: where weights, KV cache and compute live (cpu, cuda, cuda:N)
@@ -154,6 +158,7 @@ class NodeSpec:
         _check(self.max_batch >= 1, "max_batch", "must be >= 1")
         _check(self.max_context >= 1, "max_context", "must be >= 1")
         _check(self.max_queue >= 0, "max_queue", "must be >= 0 (0: 4 x max_batch)")
+        _check(self.max_queued_tokens >= 0, "max_queued_tokens", "must be >= 0 (0: no bound)")
         for key in ("providers", "onnx_dir"):
             _check(
                 not getattr(self, key) or self.backend == "onnxruntime",

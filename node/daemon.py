@@ -130,6 +130,7 @@ def run_node(
         spec.max_context,
         tuple(spec.exits),
         spec.max_streams,
+        spec.max_queued_tokens or None,
     )
     access, dialer, peers = node_security(topology, name)
     servicer = NodeServicer(identity, metrics, access, peers, dialer)

@@ -60,6 +60,8 @@ class NodeIdentity:
     max_context: int
     exits: tuple[int, ...]
     max_streams: int | None = None  # Generate/Resume streams at once (None: no limit)
+    # Prompt + max_tokens summed over those streams (None: no limit); `max_queued_tokens`.
+    max_tokens: int | None = None
 
 
 def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
@@ -125,7 +127,9 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.peers = dict(peers or {})
         self.dialer = dialer or Dialer(identity.name)
         self.worker: NodeBackend | None = None
-        self.admission = Admission(f"node {identity.name}", identity.max_streams)
+        self.admission = Admission(
+            f"node {identity.name}", identity.max_streams, identity.max_tokens
+        )
         self.accepted: AcceptedStates | None = None
 
     def attach(
@@ -181,15 +185,17 @@ class NodeServicer(pb_grpc.NodeServicer):
                 raise InvalidRequest("set prefix_token_ids or prefix_text, not both")
             prefix = self.tokenizer.encode(request.prefix_text)
             params = dataclasses.replace(params, max_tokens=params.max_tokens + len(prefix))
-        handle = self.worker.generate(
-            request.request_id,
-            prompt_ids,
-            params,
-            exit_layer,
-            escalation_from_proto(request.escalation),
-            prefix,
-        )
-        yield from self._stream(handle, context, len(prefix), exit_layer, len(prompt_ids))
+        # The KV this stream may fill: its prompt and max_tokens (which counts the prefix).
+        with self.admission.hold_tokens(len(prompt_ids) + max(len(prefix), params.max_tokens)):
+            handle = self.worker.generate(
+                request.request_id,
+                prompt_ids,
+                params,
+                exit_layer,
+                escalation_from_proto(request.escalation),
+                prefix,
+            )
+            yield from self._stream(handle, context, len(prefix), exit_layer, len(prompt_ids))
 
     def Resume(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         self._check_ready()
@@ -201,15 +207,20 @@ class NodeServicer(pb_grpc.NodeServicer):
         if header.transfer_id:
             header, data = self._take_accepted(header)
         self.metrics.handoff_bytes.labels(**self.metrics.lab(direction="in")).observe(len(data))
-        handle = self.worker.resume(
-            header.request_id,
-            data,
-            header.to_exit,
-            escalation_from_proto(header.request.escalation),
-        )
         num_prompt = len(header.prompt_token_ids)
         offset = len(header.generated_token_ids)
-        yield from self._stream(handle, context, offset, header.to_exit, num_prompt)
+        sampling = header.request.sampling  # its max_tokens counts the `offset` generated
+        max_tokens = (
+            sampling.max_tokens if sampling.HasField("max_tokens") else SamplingParams.max_tokens
+        )
+        with self.admission.hold_tokens(num_prompt + max(offset, max_tokens)):
+            handle = self.worker.resume(
+                header.request_id,
+                data,
+                header.to_exit,
+                escalation_from_proto(header.request.escalation),
+            )
+            yield from self._stream(handle, context, offset, header.to_exit, num_prompt)
 
     def _stream(
         self,
