@@ -1,7 +1,7 @@
 """HTTP to an OpenAI-compatible engine (vLLM, SGLang, llama.cpp server): streamed
-`/v1/completions` read as server-sent events into `cluster.openai_types.Completion` chunks, the
-model list, and the engine's failures as domain errors, so the node's status codes say what
-went wrong:
+`/v1/completions` (and `/v1/chat/completions`, for a node without a local tokenizer) read as
+server-sent events into `cluster.openai_types` chunks, the model list, and the engine's
+failures as domain errors, so the node's status codes say what went wrong:
 
 | engine                                          | node status                           |
 |-------------------------------------------------|---------------------------------------|
@@ -18,17 +18,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pydantic
 
 from ruyiflow.cluster.errors import InvalidRequest, NodeUnavailable, Overloaded, RuyiflowError
-from ruyiflow.cluster.openai_types import Completion, CompletionRequest, ErrorResponse
+from ruyiflow.cluster.openai_types import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+)
 
 CONNECT_TIMEOUT_S = 3.0
 MAX_ERROR_CHARS = 300
 _REQUEST_ERRORS = (400, 413, 422)
+_Chunk = TypeVar("_Chunk", Completion, ChatCompletionChunk)
 
 
 class EngineUnreachable(NodeUnavailable):
@@ -125,17 +132,30 @@ class EngineClient:
 
     async def stream_completion(self, request: CompletionRequest) -> AsyncIterator[Completion]:
         """Chunks of a streamed `/v1/completions`; cancelling the caller closes the request."""
+        async for chunk in self._stream("completions", request, Completion):
+            yield chunk
+
+    async def stream_chat(
+        self, request: ChatCompletionRequest
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        """Chunks of a streamed `/v1/chat/completions` (a node without a local tokenizer)."""
+        async for chunk in self._stream("chat/completions", request, ChatCompletionChunk):
+            yield chunk
+
+    async def _stream(
+        self, path: str, request: pydantic.BaseModel, chunk_type: type[_Chunk]
+    ) -> AsyncIterator[_Chunk]:
         body = request.model_dump(exclude_none=True)
         try:
-            async with self._http.stream("POST", "completions", json=body) as response:
+            async with self._http.stream("POST", path, json=body) as response:
                 if response.status_code != 200:
                     raise error_for_status(response.status_code, await response.aread(), self.where)
                 async for event in sse_data(response.aiter_lines(), self.where):
                     try:
-                        yield Completion.model_validate(event)
+                        yield chunk_type.model_validate(event)
                     except pydantic.ValidationError as exc:
                         raise EngineStreamError(
-                            f"engine at {self.where} sent an event that is not a completion "
+                            f"engine at {self.where} sent an event that is not a {path} "
                             f"chunk: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}"
                         ) from None
         except httpx.TimeoutException as exc:

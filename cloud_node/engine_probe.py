@@ -6,6 +6,8 @@ Token-id prompts are used only when the engine takes them and reads them as our 
 does: the probe's greedy next token must be the same for the ids and for their text. An engine
 that refuses ids (llama.cpp's server takes text only) gets the chat-templated text, and one
 whose next token differs is taken to tokenize otherwise (text prompts too, with a warning).
+A node without a tokenizer sends text only: its probe asks for text, and the prefill speed
+counts the prompt tokens the engine's `usage` reports (0 when it reports none).
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ def _first_token(answer: Completion) -> tuple[str, str]:
     return (tokens[0] if tokens else ""), choice.text
 
 
-async def probe_engine(client: EngineClient, model: str, tokenizer: Tokenizer) -> EngineDialect:
-    ids = tokenizer.encode(PROBE_TEXT)
-    text = tokenizer.decode(ids)
+async def probe_engine(
+    client: EngineClient, model: str, tokenizer: Tokenizer | None
+) -> EngineDialect:
+    ids = tokenizer.encode(PROBE_TEXT) if tokenizer is not None else None
+    text = tokenizer.decode(ids) if tokenizer is not None else PROBE_TEXT
 
     def ask(prompt: str | list[int], logprobs: bool) -> CompletionRequest:
         extra = {"return_tokens_as_token_ids": True} if logprobs else {}
@@ -65,13 +69,14 @@ async def probe_engine(client: EngineClient, model: str, tokenizer: Tokenizer) -
         )
 
     started = time.perf_counter()
+    by_ids = None
     try:
-        by_ids = await client.complete(ask(ids, logprobs=True))
+        if ids is not None:
+            by_ids = await client.complete(ask(ids, logprobs=True))
     except EngineUnreachable:
         raise
     except RuyiflowError as exc:  # llama.cpp's server answers a list prompt with HTTP 500
         log.info("engine at %s takes no token-id prompts (%s)", client.where, exc)
-        by_ids = None
     elapsed = time.perf_counter() - started
     started = time.perf_counter()
     try:
@@ -96,5 +101,12 @@ async def probe_engine(client: EngineClient, model: str, tokenizer: Tokenizer) -
         accepts_token_ids=accepts_ids,
         has_logprobs=has_logprobs,
         ids_in_logprobs=first.startswith(TOKEN_ID_PREFIX),
-        prefill_tokens_per_s=len(ids) / elapsed if elapsed > 0 else 0.0,  # one token decoded too
+        prefill_tokens_per_s=_num_prompt_tokens(ids, by_text) / elapsed if elapsed > 0 else 0.0,
     )
+
+
+def _num_prompt_tokens(ids: list[int] | None, answer: Completion) -> int:
+    """The probe prompt's length: our count, else the engine's `usage` (one token decoded too)."""
+    if ids is not None:
+        return len(ids)
+    return answer.usage.prompt_tokens if answer.usage is not None else 0

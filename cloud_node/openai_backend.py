@@ -10,6 +10,9 @@ connection, so the engine stops generating.
 Moves: into this node in `tokens` mode only (a `hidden` state raises ModelMismatch ->
 FAILED_PRECONDITION); out of it, when logprobs show low confidence and the model has a deeper
 exit elsewhere, the request parks a `tokens` state (prompt + generated ids), as our engine does.
+
+Without a local tokenizer the node works on text (`text_prompts`, `engine_requests`): what
+needs token ids (token-id prompts, a `tokens` state, a move out) is refused by name or not done.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from ruyiflow.cloud_node.engine_client import EngineBusy, EngineClient, EngineUnreachable
-from ruyiflow.cloud_node.engine_probe import LOGPROB_TOP, EngineDialect, probe_engine
-from ruyiflow.cloud_node.token_stream import Piece, TokenMapper
+from ruyiflow.cloud_node.engine_probe import EngineDialect, probe_engine
+from ruyiflow.cloud_node.engine_requests import chat_request, completion_request
+from ruyiflow.cloud_node.text_prompts import TextPrompts, check_text_only
+from ruyiflow.cloud_node.token_stream import UNKNOWN_PIECE, Piece, TokenMapper, text_pieces
 from ruyiflow.cluster.errors import (
     InvalidRequest,
     ModelMismatch,
@@ -32,7 +37,7 @@ from ruyiflow.cluster.errors import (
     RuyiflowError,
 )
 from ruyiflow.cluster.escalation import EscalationSettings
-from ruyiflow.cluster.openai_types import CompletionRequest
+from ruyiflow.cluster.openai_types import Completion
 from ruyiflow.cluster.topology import NodeSpec
 from ruyiflow.engine.events import TokenEvent
 from ruyiflow.engine.handoff import (
@@ -74,14 +79,15 @@ class OpenAIBackend:
     def __init__(
         self,
         spec: NodeSpec,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         model_exits: tuple[int, ...],
         fingerprint: str,
         api_key: str | None,
     ) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
-        self.mapper = TokenMapper(tokenizer)
+        self.mapper = TokenMapper(tokenizer) if tokenizer is not None else None
+        self.text = TextPrompts() if tokenizer is None else None  # the servicer's, then
         self.exit = spec.exits[0]
         self.model_exits = model_exits
         self.fingerprint = fingerprint
@@ -187,6 +193,8 @@ class OpenAIBackend:
             raise NodeUnavailable(f"engine at {self.client.where} is not serving")
         if params.no_repeat_ngram_size:
             raise InvalidRequest("no_repeat_ngram_size is not supported by an external engine")
+        if self.text is not None:
+            check_text_only(self.spec.name, prompt_ids, prefix_ids, params.stop_token_ids)
         if len(prompt_ids) + params.max_tokens > self.spec.max_context:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceed "
@@ -207,6 +215,11 @@ class OpenAIBackend:
             raise ModelMismatch(
                 f"node {self.spec.name} (backend openai) takes only tokens-mode handoffs: hidden "
                 "states and trunk KV cannot enter an external engine"
+            )
+        if self.tokenizer is None:
+            raise ModelMismatch(
+                f"node {self.spec.name} (backend openai) has no tokenizer: a tokens-mode "
+                "state's token ids cannot be read there; moves into it carry prefix_text"
             )
         facts = ModelFacts(
             self.fingerprint, self.model_exits, self.tokenizer.vocab_size, self.spec.max_context,
@@ -270,31 +283,20 @@ class OpenAIBackend:
             self._tasks.pop(handle.seq_id, None)
             self._jobs.pop(handle.seq_id, None)
 
-    def _request(self, job: _Job) -> CompletionRequest:
-        p, dialect = job.params, self.dialect
-        ids = job.prompt_ids + job.prefix_ids
-        extra: dict = {"repeat_penalty": p.repetition_penalty}  # llama.cpp's name for it
-        if dialect.ids_in_logprobs:
-            extra["return_tokens_as_token_ids"] = True
-        return CompletionRequest(
-            model=self.spec.served_model,
-            prompt=ids if dialect.accepts_token_ids else self.tokenizer.decode(ids),
-            max_tokens=max(1, p.max_tokens - len(job.prefix_ids)),
-            temperature=p.temperature,
-            top_p=p.top_p,
-            top_k=p.top_k,
-            min_p=p.min_p,
-            repetition_penalty=p.repetition_penalty,
-            stop=list(p.stop) or None,
-            seed=p.seed,
-            stream=True,
-            logprobs=LOGPROB_TOP if dialect.has_logprobs else None,
-            **extra,
-        )
-
     async def _stream(self, job: _Job) -> None:
+        if self.text is not None:
+            return await self._stream_text(job)
+        p = job.params
+        ids = job.prompt_ids + job.prefix_ids
+        prompt = ids if self.dialect.accepts_token_ids else self.tokenizer.decode(ids)
+        request = completion_request(
+            self.spec.served_model, prompt, p, p.max_tokens - len(job.prefix_ids), self.dialect
+        )
+        await self._stream_ids(job, self.client.stream_completion(request))
+
+    async def _stream_ids(self, job: _Job, chunks: AsyncIterator[Completion]) -> None:
         handle = job.handle
-        async for chunk in self.client.stream_completion(self._request(job)):
+        async for chunk in chunks:
             self._last_progress = time.monotonic()
             if not chunk.choices:
                 continue  # a usage-only chunk
@@ -316,6 +318,41 @@ class OpenAIBackend:
                 handle.items.put(None)
                 return
         raise NodeUnavailable(f"engine at {self.client.where} ended the stream without a reason")
+
+    async def _stream_text(self, job: _Job) -> None:
+        """A request on a node without a tokenizer: one event per engine token, then as many
+        id-less empty tokens as the engine's `usage` counts beyond those (chunks without
+        logprobs holding several tokens), so offsets and counts are the engine's."""
+        handle, p = job.handle, job.params
+        prompt, prefix = self.text.decode(job.prompt_ids), self.text.decode(job.prefix_ids)
+        chat, model = self.text.chat_of(prompt), self.spec.served_model
+        max_tokens = p.max_tokens - len(job.prefix_ids)
+        if chat is not None:
+            request = chat_request(model, chat, prefix, p, max_tokens, self.dialect)
+            chunks = self.client.stream_chat(request)
+        else:
+            request = completion_request(
+                model, prompt + prefix, p, max_tokens, self.dialect, with_usage=True
+            )
+            chunks = self.client.stream_completion(request)
+        finish, num_tokens = None, 0
+        async for chunk in chunks:
+            self._last_progress = time.monotonic()
+            if chunk.usage is not None:
+                num_tokens = chunk.usage.completion_tokens
+            for choice in chunk.choices[:1]:
+                for piece in text_pieces(choice):
+                    job.generated.append(piece.token_id)
+                    handle.items.put(self._event(handle, piece, None))
+                finish = finish or choice.finish_reason
+        if finish is None:
+            where = self.client.where
+            raise NodeUnavailable(f"engine at {where} ended the stream without a reason")
+        for _ in range(num_tokens - len(job.generated)):
+            job.generated.append(UNKNOWN_PIECE.token_id)
+            handle.items.put(self._event(handle, UNKNOWN_PIECE, None))
+        handle.items.put(Finished(_FINISH.get(finish, "stop")))
+        handle.items.put(None)
 
     def _event(self, handle: RequestHandle, piece: Piece, reason: str | None) -> TokenEvent:
         return TokenEvent(

@@ -1,7 +1,13 @@
-"""Opening a node whose backend is an external OpenAI-compatible engine: its tokenizer (the
-node's `tokenizer`, else the model's path), the exits its model has in the topology, a
-fingerprint of what it serves, and the API key from the environment variable the topology
-names. The engine need not be up yet: the node listens NOT_SERVING until it answers."""
+"""Opening a node whose backend is an external OpenAI-compatible engine: its tokenizer, the
+exits its model has in the topology, a fingerprint of what it serves, and the API key from the
+environment variable the topology names. The engine need not be up yet: the node listens
+NOT_SERVING until it answers.
+
+The tokenizer is optional. `tokenizer: PATH` must load; `tokenizer: none` means without one;
+unset, the model's path is used when it holds one (a directory with `tokenizer.json`, a .gguf
+file, `smollm2`), else the node runs without one (`cloud_node.text_prompts`): a model that
+ships only a tiktoken vocabulary (Hunyuan-A13B) is served through the engine's own template
+and counts. Its fingerprint then says so: `openai-notokenizer-...`."""
 
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from ruyiflow.cluster.topology import NodeSpec, Topology
 from ruyiflow.engine.tokenizer import Tokenizer
 from ruyiflow.node.backend import OpenedBackend
 
+log = logging.getLogger(__name__)
+NO_TOKENIZER = "none"  # `tokenizer: none`: serve without one
 MAX_STATE_BYTES = 64 << 20  # enough to read a pushed hidden state and refuse it by name
 
 
@@ -34,9 +42,34 @@ def load_tokenizer(source: str) -> Tokenizer:
     return Tokenizer.from_gguf(gguf.GGUFReader(str(path)))
 
 
-def engine_fingerprint(spec: NodeSpec, tokenizer: Tokenizer) -> str:
-    """Names what the engine serves: its model id and our tokenizer's vocabulary. Never equal
-    to a weights fingerprint, so the router never plans a hidden-state move into it."""
+def find_tokenizer(topology: Topology, spec: NodeSpec) -> Tokenizer | None:
+    """The node's tokenizer, or None when it has none (see the module docstring)."""
+    if spec.tokenizer is not None:
+        return None if spec.tokenizer.lower() == NO_TOKENIZER else load_tokenizer(spec.tokenizer)
+    from ruyiflow.engine.checkpoint import EMBEDDED
+
+    source = topology.model(spec.model).path
+    path = Path(source).expanduser()
+    if source == EMBEDDED or (path.is_dir() and (path / "tokenizer.json").is_file()):
+        return load_tokenizer(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return load_tokenizer(source)
+    log.info(
+        "node %s: no tokenizer at %s (no tokenizer.json or .gguf): serving text through the "
+        "engine's chat template and usage",
+        spec.name,
+        source,
+    )
+    return None
+
+
+def engine_fingerprint(spec: NodeSpec, tokenizer: Tokenizer | None) -> str:
+    """Names what the engine serves: its model id and our tokenizer's vocabulary (or that there
+    is none). Never equal to a weights fingerprint, so the router never plans a hidden-state
+    move into it."""
+    if tokenizer is None:
+        digest = hashlib.sha256(spec.served_model.encode()).hexdigest()[:16]
+        return f"openai-notokenizer-{digest}"
     vocab = sorted(tokenizer.backend.get_vocab(with_added_tokens=True).items())
     digest = hashlib.sha256(repr((spec.served_model, vocab)).encode()).hexdigest()[:16]
     return f"openai-{digest}"
@@ -58,13 +91,13 @@ def open_openai_backend(topology: Topology, spec: NodeSpec) -> OpenedBackend:
                 f"node {spec.name!r}: environment variable {spec.api_key_env} (api_key_env) is "
                 "not set"
             )
-    tokenizer = load_tokenizer(spec.tokenizer or topology.model(spec.model).path)
+    tokenizer = find_tokenizer(topology, spec)
     fingerprint = engine_fingerprint(spec, tokenizer)
     backend = OpenAIBackend(spec, tokenizer, model_exits(topology, spec), fingerprint, api_key)
     backend.start()
     return OpenedBackend(
         backend,
-        tokenizer,
+        tokenizer or backend.text,
         backend.facts,
         fingerprint,
         0.0,

@@ -7,6 +7,10 @@ OpenAI-compatible engines stream text, not token ids. Ids come, best first, from
 - else the local tokenizer's encoding of the piece's text (a token holding part of a
   multi-byte character has no text of its own, so it leaves no id: counts may then differ
   from the engine's by those tokens; the text relayed is what the engine sent).
+A node without a local tokenizer (`text_pieces`) has no table and no encoding: one piece per
+token the engine's logprobs list (vLLM/SGLang stream one token per chunk anyway), each with
+its own text when those add up to the chunk's, the id only when vLLM spelled it
+(`return_tokens_as_token_ids`), else `UNKNOWN_TOKEN_ID`; without logprobs one piece per chunk.
 Confidence comes from the top-2 logprobs: max_prob = p1, margin = p1 - p2, and the entropy
 over the returned alternatives with the rest of the mass as one outcome (a lower bound of the
 full distribution's). Without logprobs a chunk's text is encoded locally and its tokens report
@@ -18,11 +22,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ruyiflow.cluster.openai_types import CompletionChoice
+from ruyiflow.cluster.openai_types import ChatChunkChoice, CompletionChoice
 from ruyiflow.engine.events import Confidence
 from ruyiflow.engine.tokenizer import Tokenizer
 
 TOKEN_ID_PREFIX = "token_id:"
+UNKNOWN_TOKEN_ID = 0xFFFFFFFF  # a token whose id nobody told us (largest uint32: no vocabulary's)
 NO_CONFIDENCE = Confidence(max_prob=1.0, margin=1.0, entropy=0.0)
 _BROKEN = "\ufffd"  # what a partial UTF-8 sequence decodes to
 
@@ -95,3 +100,37 @@ class TokenMapper:
             Piece(token_id, choice.text if i == last else "", confidences[i])
             for i, token_id in enumerate(ids)
         ]
+
+
+UNKNOWN_PIECE = Piece(UNKNOWN_TOKEN_ID, "", NO_CONFIDENCE)  # a token the engine only counted
+
+
+def _engine_tokens(choice: CompletionChoice | ChatChunkChoice) -> list[tuple[str, Confidence]]:
+    """(token text, confidence) per token the choice's logprobs list, either endpoint's shape."""
+    lp = choice.logprobs
+    if lp is None:
+        return []
+    if isinstance(choice, ChatChunkChoice):
+        return [
+            (t.token, confidence_of({a.token: a.logprob for a in t.top_logprobs} or None))
+            for t in lp.content or []
+        ]
+    tops = lp.top_logprobs or []
+    return [(t, confidence_of(tops[i] if i < len(tops) else None)) for i, t in enumerate(lp.tokens)]
+
+
+def text_pieces(choice: CompletionChoice | ChatChunkChoice) -> list[Piece]:
+    """The tokens of one streamed choice on a node without a tokenizer."""
+    text = choice.text if isinstance(choice, CompletionChoice) else choice.delta.content or ""
+    tokens = _engine_tokens(choice)
+    if not tokens:
+        return [Piece(UNKNOWN_TOKEN_ID, text, NO_CONFIDENCE)] if text else []
+    ids = [
+        int(t[len(TOKEN_ID_PREFIX) :]) if t.startswith(TOKEN_ID_PREFIX) else UNKNOWN_TOKEN_ID
+        for t, _ in tokens
+    ]
+    if "".join(t for t, _ in tokens) == text:
+        texts = [t for t, _ in tokens]
+    else:  # ids spelled as `token_id:N`, or bytes split differently: the chunk's text, once
+        texts = [""] * (len(tokens) - 1) + [text]
+    return [Piece(i, t, c) for i, t, (_, c) in zip(ids, texts, tokens, strict=True)]

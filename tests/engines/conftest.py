@@ -35,7 +35,7 @@ nodes:
     base_url: {base_url}
     served_model: {model}
     timeout_s: 1.5
-    max_context: {max_context}
+    max_context: {max_context}{tokenizer}
 router:
   listen: 127.0.0.1:{router}
   metrics: 127.0.0.1:{router_metrics}
@@ -83,10 +83,16 @@ class InProcessNode:
         self.channel.close()
 
 
-def start_node(base_url: str, model: str = MODEL, max_context: int = 1024) -> InProcessNode:
+def start_node(
+    base_url: str, model: str = MODEL, max_context: int = 1024, tokenizer: str | None = None
+) -> InProcessNode:
+    """`tokenizer`: the node's field (`none`: without one); unset, the model's (smollm2's)."""
     names = ("node", "metrics", "router", "router_metrics")
     ports = dict(zip(names, free_ports(len(names)), strict=True))
-    text = NODE_TOPOLOGY.format(base_url=base_url, model=model, max_context=max_context, **ports)
+    line = f"\n    tokenizer: {tokenizer}" if tokenizer else ""
+    text = NODE_TOPOLOGY.format(
+        base_url=base_url, model=model, max_context=max_context, tokenizer=line, **ports
+    )
     topology = parse_topology(text)
     stop = threading.Event()
     thread = threading.Thread(

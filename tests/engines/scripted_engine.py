@@ -1,5 +1,7 @@
-"""A tiny real HTTP server speaking the OpenAI completions API the way a test asks: a scripted
-stream (with or without logprobs), or one of the ways engines fail - HTTP 400/500, a malformed
+"""A tiny real HTTP server speaking the OpenAI completions and chat completions APIs the way a
+test asks: a scripted stream (with or without logprobs, one or several tokens a chunk, ids
+spelled as vLLM's `return_tokens_as_token_ids` does, `usage` when asked), or one of the ways
+engines fail - HTTP 400/500, a malformed
 event, a stream cut before [DONE], a stall. Not a mock: the node reaches it over loopback TCP
 like any engine, and the server records every request body it got."""
 
@@ -15,20 +17,35 @@ from typing import Any
 MODEL = "scripted-model"
 PIECES = (" Paris", " is", " the", " capital", ".")
 MAX_PROB = 0.9
+PROMPT_TOKENS = 7  # what its `usage` says any prompt has
+FIRST_ID = 1000  # the id of PIECES[i] is FIRST_ID + i, when it spells ids
 
 
-def logprobs_of(piece: str) -> dict[str, Any]:
+def logprobs_of(tokens: list[str]) -> dict[str, Any]:
     return {
-        "tokens": [piece],
-        "token_logprobs": [math.log(MAX_PROB)],
-        "top_logprobs": [{piece: math.log(MAX_PROB), " other": math.log(0.05)}],
-        "text_offset": [0],
+        "tokens": tokens,
+        "token_logprobs": [math.log(MAX_PROB)] * len(tokens),
+        "top_logprobs": [{t: math.log(MAX_PROB), " other": math.log(0.05)} for t in tokens],
+        "text_offset": [0] * len(tokens),
     }
 
 
+def _chat_logprob(token: str) -> dict[str, Any]:
+    top = [{"token": token, "logprob": math.log(MAX_PROB)}, {"token": " other",
+           "logprob": math.log(0.05)}]  # fmt: skip
+    return {"token": token, "logprob": math.log(MAX_PROB), "top_logprobs": top}
+
+
+def _usage(num_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": num_tokens,
+            "total_tokens": PROMPT_TOKENS + num_tokens}  # fmt: skip
+
+
 class ScriptedEngine(ThreadingHTTPServer):
-    """`mode`: ok | http400 | http500 | malformed | cut | stall. `has_logprobs` and
-    `accepts_ids` shape what the start-up probe finds."""
+    """`mode`: ok | http400 | http500 | malformed | cut | stall; `cut_once` cuts while
+    `cuts_left[0]` (a list engines may share) is above 0, counting down. `has_logprobs` and
+    `accepts_ids` shape what the start-up probe finds; `spells_ids` honours
+    `return_tokens_as_token_ids`; `chunk_size` tokens go in each streamed chunk."""
 
     daemon_threads = True
 
@@ -37,6 +54,9 @@ class ScriptedEngine(ThreadingHTTPServer):
         self.mode = "ok"
         self.has_logprobs = True
         self.accepts_ids = False
+        self.spells_ids = False
+        self.chunk_size = 1
+        self.cuts_left = [0]
         self.requests: list[dict[str, Any]] = []
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
@@ -70,13 +90,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        body["path"] = self.path
         self.server.requests.append(body)
+        is_chat = self.path == "/v1/chat/completions"
+        if self.path not in ("/v1/completions", "/v1/chat/completions"):
+            return self._json(404, {"error": {"message": "no such route", "type": "not_found"}})
         if isinstance(body.get("prompt"), list) and not self.server.accepts_ids:
             return self._json(422, {"detail": "prompt: Input should be a valid string"})
-        if body.get("logprobs") is not None and not self.server.has_logprobs:
+        if body.get("logprobs") not in (None, False) and not self.server.has_logprobs:
             return self._json(400, {"error": {"message": "logprobs unsupported", "type": "x"}})
         if not body.get("stream"):
-            return self._json(200, self._completion(PIECES[0], body, "length"))
+            answer = self._chunk(is_chat, [0], body, "length")
+            answer["usage"] = _usage(1)
+            return self._json(200, answer)
         mode = self.server.mode
         if mode == "http400":
             error = {"message": "max_tokens is too large for this model", "type": "invalid"}
@@ -88,22 +114,42 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if mode == "malformed":
             return self._event("{this is not json")
-        pieces = PIECES[: min(len(PIECES), body.get("max_tokens", len(PIECES)))]
-        for i, piece in enumerate(pieces):
-            self._event(json.dumps(self._completion(piece, body, None)))
+        num = min(len(PIECES), body.get("max_tokens", len(PIECES)))
+        size = self.server.chunk_size
+        for i, start in enumerate(range(0, num, size)):
+            indices = list(range(start, min(num, start + size)))
+            self._event(json.dumps(self._chunk(is_chat, indices, body, None)))
+            if mode == "cut_once" and i == 1 and self.server.cuts_left[0] > 0:
+                self.server.cuts_left[0] -= 1
+                return
             if mode == "cut" and i == 1:
                 return
             if mode == "stall" and i == 1:
                 time.sleep(5)
                 return
-        finish = "length" if len(pieces) < len(PIECES) else "stop"
-        self._event(json.dumps(self._completion("", body, finish)))  # as llama.cpp ends
+        finish = "length" if num < len(PIECES) else "stop"
+        self._event(json.dumps(self._chunk(is_chat, [], body, finish)))  # as llama.cpp ends
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {**self._chunk(is_chat, [], body, None), "choices": [], "usage": _usage(num)}
+            self._event(json.dumps(usage))
         self._event("[DONE]")
 
-    def _completion(self, piece: str, body: dict[str, Any], finish: str | None) -> dict:
-        choice: dict[str, Any] = {"index": 0, "text": piece, "finish_reason": finish}
-        has_logprobs = body.get("logprobs") is not None and piece
-        choice["logprobs"] = logprobs_of(piece) if has_logprobs else None
+    def _chunk(
+        self, is_chat: bool, indices: list[int], body: dict[str, Any], finish: str | None
+    ) -> dict[str, Any]:
+        """One chunk holding PIECES[i] for i in `indices` (none: the final chunk)."""
+        text = "".join(PIECES[i] for i in indices)
+        spell = self.server.spells_ids and body.get("return_tokens_as_token_ids")
+        tokens = [f"token_id:{FIRST_ID + i}" if spell else PIECES[i] for i in indices]
+        wants = body.get("logprobs") not in (None, False) and tokens
+        if is_chat:
+            lp = {"content": [_chat_logprob(t) for t in tokens]} if wants else None
+            choice = {"index": 0, "delta": {"content": text}, "logprobs": lp,
+                      "finish_reason": finish}  # fmt: skip
+            return {"id": "chat-1", "object": "chat.completion.chunk", "created": 0,
+                    "model": MODEL, "choices": [choice]}  # fmt: skip
+        choice = {"index": 0, "text": text, "finish_reason": finish}
+        choice["logprobs"] = logprobs_of(tokens) if wants else None
         return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL,
                 "choices": [choice]}  # fmt: skip
 

@@ -168,3 +168,51 @@ def test_killing_the_engine_mid_stream_fails_over_and_up_restarts_it(cluster):
             break
         time.sleep(0.5)
     assert nodes["cloud-llama"].healthy and engine.num_restarts == 1
+
+
+def direct_chat(cluster, question: str, max_tokens: int) -> dict:
+    """llama.cpp's own chat endpoint, with the settings a node without a tokenizer sends."""
+    body = {
+        "model": "smollm2", "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+        "repeat_penalty": 1.0, "logprobs": True, "top_logprobs": 2,
+    }  # fmt: skip
+    request = urllib.request.Request(
+        f"http://{cluster.addr['engine']}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())
+
+
+def test_a_node_without_tokenizer_equals_the_engine_called_directly(cluster):
+    """`tokenizer: none`: a conversation through llama.cpp's chat endpoint and a text prompt
+    through its completions, each equal to the server called directly; the token count is the
+    server's usage."""
+    node = start_node(f"http://{cluster.addr['engine']}/v1", model="smollm2", tokenizer="none")
+    try:
+        node.wait_health(serving=True, timeout=60)
+        info = node.stub.Info(pb.InfoRequest(), timeout=5)
+        assert info.model_fingerprint.startswith("openai-notokenizer-")
+        messages = [pb.Message(role="user", content=QUESTION)]
+        request = pb.GenerateRequest(
+            request_id="chat",
+            conversation=pb.Conversation(messages=messages),
+            sampling=pb.SamplingParams(max_tokens=16),
+        )
+        chat_chunks = list(node.stub.Generate(request, timeout=120))
+        request = pb.GenerateRequest(
+            request_id="text",
+            text="The capital of France is",
+            sampling=pb.SamplingParams(max_tokens=12),
+        )
+        text_chunks = list(node.stub.Generate(request, timeout=120))
+    finally:
+        node.stop()
+    answer = direct_chat(cluster, QUESTION, 16)
+    assert "".join(c.text for c in chat_chunks) == answer["choices"][0]["message"]["content"]
+    assert offsets_continue(chat_chunks) == answer["usage"]["completion_tokens"]
+    answer = direct(cluster, "The capital of France is", 12)
+    assert "".join(c.text for c in text_chunks) == answer["choices"][0]["text"]
+    assert offsets_continue(text_chunks) == answer["usage"]["completion_tokens"]
