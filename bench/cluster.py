@@ -4,7 +4,8 @@ router-added time to first token vs calling the node directly (1/16/64 concurren
 through the router's gRPC API and its OpenAI HTTP API (a streamed `/v1/completions`, same
 prompt and exit), handoff `hidden` vs `tokens` (bytes, milliseconds) at 128/512/2048 tokens of
 context, and the requests/s the router sustains. `--engine`: the same through a `backend:
-openai` node in front of a llama.cpp server vs that server directly (bench/cluster_engine.py)."""
+openai` node in front of a llama.cpp server vs that server directly (bench/cluster_engine.py).
+`--tls`: plaintext vs mTLS clusters in one run (bench/tls.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import http.client
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -39,6 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--engine-streams", default="1,16", help="--engine: concurrency levels")
     p.add_argument("--max-tokens", type=int, default=16, help="--engine: tokens per request")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="plaintext vs mTLS: router-added TTFT and pushed handoff throughput (bench/tls.py)",
+    )
+    p.add_argument("--tls-requests", type=int, default=40, help="--tls: TTFT samples per path")
+    p.add_argument("--tls-handoffs", type=int, default=5, help="--tls: handoffs per mode")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -164,6 +173,13 @@ def router_throughput(addr: str, requests: int, streams: int = 16) -> dict[str, 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine and args.tls:
+        print("ruyiflow bench cluster: --engine and --tls are separate runs", file=sys.stderr)
+        return 2
+    if args.tls:
+        from ruyiflow.bench.tls import run_tls
+
+        return run_tls(args)
     if args.engine:
         from ruyiflow.bench.cluster_engine import run_engine
 

@@ -1,8 +1,9 @@
-"""`ruyiflow bench tls`: what mTLS costs the cluster, plaintext and mTLS measured in one run on
-this machine with the default layout (router, edge-0, cloud-0 on loopback): the router-added time
-to first token at one stream (p50 through the router minus p50 straight to the node, one token,
-calls alternated) and the throughput of a pushed hidden-state handoff edge-0 -> cloud-0 (bytes
-over the move's duration in the route trace). Target: mTLS adds < 1 ms to the router's TTFT.
+"""`ruyiflow bench cluster --tls`: what mTLS costs the cluster, plaintext and mTLS measured in
+one run on this machine with the default layout (router, edge-0, cloud-0 on loopback): the
+router-added time to first token at one stream (p50 through the router minus p50 straight to the
+node, one token, calls alternated) and the throughput of a pushed hidden-state handoff edge-0 ->
+cloud-0 (bytes over the move's duration in the route trace). Target: mTLS adds < 1 ms to the
+router's TTFT.
 """
 
 from __future__ import annotations
@@ -16,12 +17,6 @@ from pathlib import Path
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 1690]
 TLS_BLOCK = "tls: {{dir: certs, require_client_cert: true}}\n"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--requests", type=int, default=40, help="TTFT samples per path and mode")
-    p.add_argument("--handoffs", type=int, default=5, help="handoffs per mode")
-    p.add_argument("--json", action="store_true")
 
 
 def _first_chunk_s(stream) -> float:  # noqa: ANN001
@@ -67,14 +62,14 @@ def measure(root: Path, secure: bool, args: argparse.Namespace) -> dict:
             overrides=pb.Overrides(exit=12),
         )
         via_router, direct = [], []
-        for i in range(args.requests + 3):  # 3 warm-up rounds
+        for i in range(args.tls_requests + 3):  # 3 warm-up rounds
             r = _first_chunk_s(client.generate(token_ids=PROMPT, max_tokens=1, exit=12))
             d = _first_chunk_s(node.Generate(request, timeout=120))
             if i >= 3:
                 via_router.append(r)
                 direct.append(d)
         rates = []
-        for _ in range(args.handoffs):
+        for _ in range(args.tls_handoffs):
             done = client.complete(
                 token_ids=PROMPT,
                 max_tokens=6,
@@ -99,7 +94,8 @@ def measure(root: Path, secure: bool, args: argparse.Namespace) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def run_tls(args: argparse.Namespace) -> int:
+    """`bench cluster --tls` (its options `--tls-requests`, `--tls-handoffs`, `--json`)."""
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(Path(tmp) / m, m == "mtls", args) for m in ("plaintext", "mtls")]
     plain, secure = rows

@@ -12,7 +12,6 @@ BENCHES = {
     "cpu-gemv": "ruyiflow.bench.cpu_gemv",
     "edge": "ruyiflow.bench.edge",
     "gpu": "ruyiflow.bench.gpu",
-    "tls": "ruyiflow.bench.tls",
 }
 
 
