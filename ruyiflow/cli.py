@@ -20,6 +20,10 @@ COMMANDS = {
     "up": ("ruyiflow.cmd_up", "start every process of a topology on this machine"),
     "query": ("ruyiflow.cmd_query", "send a prompt to the router and print the route trace"),
     "drain": ("ruyiflow.cmd_drain", "stop a node admitting new requests (--undo: admit again)"),
+    "health": (
+        "ruyiflow.cmd_health",
+        "a router's or node's health on this machine (exit 0: SERVING)",
+    ),
     "certs": ("ruyiflow.cmd_certs", "make a development CA and a certificate per process (mTLS)"),
     "export-onnx": ("ruyiflow.cmd_export_onnx", "export a branch as ONNX for onnxruntime nodes"),
     "convert-branch": (

@@ -1,10 +1,14 @@
 """deploy/k8s: every manifest valid against the Kubernetes API schemas (offline, strict: unknown
 fields are errors), and the workloads agree with the topology in the ConfigMap: names, ports,
 health probes, bind host, drain grace, GPUs, the engine beside a `backend: openai` node, the
-HPA's metric (a real node metric, served by the adapter rule) and the ServiceMonitor's port."""
+HPA's metric (a real node metric, served by the adapter rule) and the ServiceMonitor's port;
+the TLS option (the ConfigMap's commented `tls:` line, the Secret every ruyiflow pod mounts
+there, readiness asked by `ruyiflow health` as operator) gives a valid topology and the
+certificates `ruyiflow certs` makes for it."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +16,12 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from cryptography import x509
 
-from ruyiflow.cluster.topology_yaml import parse_topology
+from ruyiflow.cluster.tls import tls_files
+from ruyiflow.cluster.topology_yaml import load_topology, parse_topology
 from ruyiflow.cluster.units import parse_address
+from ruyiflow.cmd_certs import make_certs
 from ruyiflow.node.metrics import NodeMetrics
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
@@ -86,6 +93,20 @@ def ports(items: list[dict[str, Any]], key: str) -> dict[str, int]:
     return {p["name"]: p[key] for p in items}
 
 
+def health_probe_name(container: dict[str, Any]) -> str:
+    """The process the readiness probe asks about: `ruyiflow health NAME --topology ...`
+    (through `sh -c` where NAME comes from the environment)."""
+    command = container["readinessProbe"]["exec"]["command"]
+    if command[:2] == ["sh", "-c"]:
+        command = shlex.split(command[2])
+        assert command[0] == "exec"
+        command = command[1:]
+    assert command[:2] == ["ruyiflow", "health"]
+    assert command[3:] == ["--topology", f"{TOPOLOGY_DIR}/topology.yaml"]
+    assert container["readinessProbe"]["timeoutSeconds"] >= 5  # a Python start on a busy pod
+    return command[2]
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("doc", DOCS, ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
 def test_manifest_is_valid(doc, version):
@@ -99,7 +120,7 @@ def test_manifest_is_valid(doc, version):
 
 def test_validation_catches_a_wrong_field():
     doc = yaml.safe_load(yaml.safe_dump(find("Deployment", "router")))
-    doc["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["prot"] = 1
+    doc["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["comand"] = []
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(doc, VERSIONS[-1], strict=True)
 
@@ -140,8 +161,9 @@ def test_nodes_agree_with_the_topology():
         assert (tier, name) == (node.tier, expected_name)
         assert container["args"][-2:] == ["--topology", f"{TOPOLOGY_DIR}/topology.yaml"]
         assert {"name": "RUYIFLOW_BIND_HOST", "value": "0.0.0.0"} in container["env"]
-        probe = container["readinessProbe"]["grpc"]
-        assert probe == {"port": listen, "service": "ruyiflow.v1.Node"}
+        assert health_probe_name(container) == (
+            "$POD_NAME" if workload["kind"] == "StatefulSet" else node.name
+        )
         assert container["livenessProbe"]["tcpSocket"]["port"] == "grpc"
         assert pod["spec"]["terminationGracePeriodSeconds"] >= grace + 5
         assert container["resources"]["requests"]
@@ -184,8 +206,7 @@ def test_router_agrees_with_the_topology():
     }
     assert ports(container["ports"], "containerPort") == expected
     assert ports(find("Service", "router")["spec"]["ports"], "port") == expected
-    probe = container["readinessProbe"]["grpc"]
-    assert probe == {"port": expected["grpc"], "service": "ruyiflow.v1.Router"}
+    assert health_probe_name(container) == "router"
     spec = router["spec"]["template"]["spec"]
     assert spec["terminationGracePeriodSeconds"] >= topo.router.grace_period_s + 5
 
@@ -210,3 +231,42 @@ def test_service_monitor_scrapes_every_ruyiflow_service():
     for service in services:
         assert selector.items() <= service["metadata"]["labels"].items()
         assert endpoint["port"] in ports(service["spec"]["ports"], "port")
+
+
+def tls_topology_text() -> str:
+    """The ConfigMap's topology with its commented `tls:` line turned on."""
+    text = find("ConfigMap", "ruyiflow-topology")["data"]["topology.yaml"]
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("# tls:")]
+    return text.replace(line, line[2:])
+
+
+def test_the_tls_option_gives_a_topology_whose_certificates_every_pod_mounts(tmp_path):
+    path = tmp_path / "topology.yaml"
+    path.write_text(tls_topology_text())
+    topo = load_topology(path)
+    assert topo.tls is not None and topo.tls.require_client_cert
+    workloads = [d for d in DOCS if d["kind"] in ("Deployment", "StatefulSet")]
+    for workload in workloads:
+        pod = workload["spec"]["template"]["spec"]
+        (container,) = [c for c in pod["containers"] if c["image"].startswith("ruyiflow:")]
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        mount = mounts[topo.tls.dir]
+        assert mount["readOnly"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"] == {
+            "secretName": "ruyiflow-tls",
+            "optional": True,  # plaintext without the Secret, as without tls:
+            "defaultMode": 0o400,
+        }
+    # The Secret's files: what `ruyiflow certs` makes for this topology, each process's
+    # certificate naming it and the DNS name the others dial it at.
+    names = make_certs(path, tmp_path / "certs")
+    assert sorted(names) == sorted(["router", "operator", *(n.name for n in topo.nodes)])
+    for node in topo.nodes:
+        files = tls_files(topo, node.name)
+        assert files.cert == Path(topo.tls.dir) / f"{node.name}.pem"
+        cert = x509.load_pem_x509_certificate((tmp_path / "certs" / files.cert.name).read_bytes())
+        dns = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert {node.name, parse_address(node.listen)[0]} <= set(
+            dns.get_values_for_type(x509.DNSName)
+        )

@@ -202,3 +202,10 @@ def test_the_command_line_talks_mtls_as_operator(secure):
     assert undone.returncode == 0, undone.stderr
     operator = node_stub(secure, "operator", tls_files(secure.topology, "operator"))
     assert not operator.Info(pb.InfoRequest(), timeout=5).draining
+
+
+def test_health_asks_as_operator_over_mtls(secure):
+    for name in ("router", "edge-0", "cloud-0"):
+        done = cli(secure, "health", name)
+        assert (done.returncode, done.stdout.strip()) == (0, f"{name}: SERVING"), done.stderr
+    assert cli(secure, "health", "edge-9").returncode == 2
