@@ -93,6 +93,9 @@ def test_a_stream_survives_the_sigkill_of_an_up_started_router(tmp_path):
         wait_for(lambda: "all healthy" in log.read_text() or up.poll() is not None, 180, "up")
         assert up.poll() is None, log.read_text()
         assert ",".join(routers) in log.read_text()  # up names every router
+        probe = [sys.executable, "-m", "ruyiflow", "health", "node-0", "--topology", str(topology)]
+        done = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout) == (0, "node-0: SERVING\n"), done.stderr
         with RouterClient(routers, timeout=120) as client:
             reference = client.complete(PROMPT, **OPTIONS).token_ids
         assert len(reference) == OPTIONS["max_tokens"]
