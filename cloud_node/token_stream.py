@@ -23,11 +23,11 @@ import math
 from dataclasses import dataclass
 
 from ruyiflow.cluster.openai_types import ChatChunkChoice, CompletionChoice
+from ruyiflow.cluster.wire import UNKNOWN_TOKEN_ID
 from ruyiflow.engine.events import Confidence
 from ruyiflow.engine.tokenizer import Tokenizer
 
 TOKEN_ID_PREFIX = "token_id:"
-UNKNOWN_TOKEN_ID = 0xFFFFFFFF  # a token whose id nobody told us (largest uint32: no vocabulary's)
 NO_CONFIDENCE = Confidence(max_prob=1.0, margin=1.0, entropy=0.0)
 _BROKEN = "\ufffd"  # what a partial UTF-8 sequence decodes to
 

@@ -7,6 +7,10 @@ from collections.abc import Mapping
 
 from ruyiflow.proto import ruyiflow_pb2 as pb
 
+# A token a node streamed without knowing its id (an engine behind a node without a tokenizer):
+# the largest uint32, no vocabulary's. Relayed tokens holding it can only be resumed from text.
+UNKNOWN_TOKEN_ID = 0xFFFFFFFF
+
 
 class EnumNames:
     """One proto enum's values by name and names by value."""

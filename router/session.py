@@ -21,6 +21,7 @@ import grpc
 
 from ruyiflow.cluster.errors import NodeUnavailable, RetryLater
 from ruyiflow.cluster.topology import Topology
+from ruyiflow.cluster.wire import UNKNOWN_TOKEN_ID
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.router.failover import StreamBroken, classify_error, failover_target
 from ruyiflow.router.handoff import HandoffPlanner, RelayFeed
@@ -94,7 +95,9 @@ class RequestSession:
             self.relayed = list(request.resume.token_ids)
             self.relayed_text = request.resume.text
         self._ids_model: str | None = None  # the model whose tokenizer made `relayed`
-        self._text_only = False  # True once `relayed` mixes tokenizers (after a model change)
+        # True once `relayed` mixes tokenizers (after a model change) or holds ids a node could
+        # not know (a node without a tokenizer): the next node resumes from the text
+        self._text_only = UNKNOWN_TOKEN_ID in self.relayed
         self.is_cancelled = False
         self._work = estimate_tokens(request)
         self._exclude: set[str] = set()
@@ -239,6 +242,8 @@ class RequestSession:
             self.metrics.observe_tokens(placement.exit, placement.tier, num_tokens, gap)
             self._last_token_at = now
             self.relayed.extend(chunk.token_ids)
+            if UNKNOWN_TOKEN_ID in chunk.token_ids:  # a node without a tokenizer: resume by text
+                self._text_only = True
             placement.num_tokens += num_tokens
         self.relayed_text += chunk.text
         if self._signer is not None:

@@ -104,3 +104,82 @@ def test_failover_from_a_node_without_tokenizer_resumes_from_the_relayed_text(tm
     assert resumed["continue_final_message"] is True and resumed["max_tokens"] == 8 - 4
     text = "".join(c.text for c in chunks)
     assert text == relayed + "".join(PIECES[:4])
+
+
+DIRECT = """
+models:
+  big: {{path: {big_path}}}
+nodes:{nodes}
+router:
+  listen: '127.0.0.1:{router}'
+  metrics: '127.0.0.1:{router_metrics}'
+  http: ''
+  model: big
+  thresholds: [{{exit: 31}}]
+  handoff: {{mode: auto, max_retries: 2, push: false}}
+"""
+
+
+def test_a_request_started_on_a_node_without_tokenizer_fails_over_by_text(tmp_path):
+    """No move across models first: the relayed ids are unknown ones, so the router must resume
+    from the relayed text (ids it cannot know would be refused by the next node)."""
+    engines = {name: ScriptedEngine().start() for name in ("big-0", "big-1")}
+    shared = [1]
+    for engine in engines.values():
+        engine.mode, engine.cuts_left = "cut_once", shared
+    ports = iter(free_ports(6))
+    nodes = "".join(
+        NODE.format(
+            name=name,
+            listen=next(ports),
+            metrics=next(ports),
+            base_url=engine.base_url,
+            model="big",
+            exit=31,
+            served=MODEL,
+        )  # fmt: skip
+        for name, engine in engines.items()
+    )
+    (tmp_path / "big").mkdir()
+    topology = parse_topology(
+        DIRECT.format(
+            big_path=tmp_path / "big", nodes=nodes, router=next(ports), router_metrics=next(ports)
+        )
+    )
+    stop = threading.Event()
+    threads = [
+        threading.Thread(
+            target=run_node,
+            args=(topology, name, "cloud", stop),
+            kwargs={"open_backend": open_cloud_backend},
+            daemon=True,
+        )
+        for name in engines
+    ]
+    for thread in threads:
+        thread.start()
+    router = RouterDaemon(topology).start()
+    try:
+        with RouterClient(topology.router.listen, timeout=20) as client:
+            deadline = time.monotonic() + 30
+            while not all(n.healthy for n in client.list_nodes()):
+                assert time.monotonic() < deadline, "nodes never became healthy"
+                time.sleep(0.2)
+            chunks = list(client.generate("Capital?", max_tokens=6))
+    finally:
+        router.stop(grace=1)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        for engine in engines.values():
+            engine.stop()
+    offset = 0
+    for chunk in chunks:
+        assert chunk.token_offset == offset
+        offset += len(chunk.token_ids)
+    assert offset == 6
+    first, second = [s.node for s in chunks[-1].trace.spans]
+    assert {first, second} == {"big-0", "big-1"}
+    (resumed,) = engines[second].streamed()
+    assert resumed["messages"][-1] == {"role": "assistant", "content": "".join(PIECES[:2])}
+    assert "".join(c.text for c in chunks) == "".join(PIECES[:2]) + "".join(PIECES[:4])
