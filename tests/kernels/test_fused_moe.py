@@ -278,13 +278,21 @@ def test_moe_empty_batch() -> None:
 def test_moe_public_dispatch(monkeypatch, triton_path, assert_close) -> None:
     args = moe_inputs(5, 6, 2, 48, 32, torch.bfloat16)
     calls = []
-    monkeypatch.setattr(kernels, "fused_moe_triton", lambda *a: calls.append(a) or fused_moe(*a))
+
+    def recorded(*a, **kw):
+        calls.append(kw)
+        return fused_moe(*a, **kw)
+
+    monkeypatch.setattr(kernels, "fused_moe_triton", recorded)
     out = kernels.fused_moe(*args)
-    assert len(calls) == 1
+    assert calls == [{"validate_ids": True}]  # checked unless the caller says the ids are sound
     assert_close(out, fused_moe_reference(*args), torch.bfloat16, scale=2.0)
+    kernels.fused_moe(*args, validate_ids=False)  # router ids in a served step: no device sync
+    assert calls[-1] == {"validate_ids": False}
+    calls.clear()
     monkeypatch.setenv("RUYIFLOW_KERNELS", "reference")
     kernels.fused_moe(*args)
-    assert len(calls) == 1
+    assert not calls
 
 
 def _bad_moe_args():
