@@ -32,8 +32,6 @@ import torch
 
 from ruyiflow.bench.gpu_report import Report
 
-REPO = Path(__file__).resolve().parents[1]  # the repository root (bench/ and tests/ beside)
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda", help="a CUDA device: cuda or cuda:N")
@@ -41,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-layers", type=int, default=4, help="JoyAI-LLM Flash cut to this depth")
     p.add_argument("--kv-gib", type=float, default=24.0, help="KV pool of the measuring engines")
     p.add_argument("--skip-tests", action="store_true", help="do not run `pytest -m gpu` first")
+    p.add_argument(
+        "--checkout", default=".", help="the repository checkout whose tests/ `pytest -m gpu` runs"
+    )
     p.add_argument("--test-timeout", type=int, default=300, help="seconds for `pytest -m gpu`")
     p.add_argument(
         "--dry-run", action="store_true", help="toy sizes on the CPU (checks the script)"
@@ -67,14 +68,15 @@ def check_machine(args: argparse.Namespace) -> torch.device | str:
     return device
 
 
-def run_gpu_tests(timeout: int) -> tuple[bool, str]:
+def run_gpu_tests(checkout: str, timeout: int) -> tuple[bool, str]:
     """`pytest -m gpu` over the engine, MoE and kernel tests; (passed, its summary line)."""
-    if not (REPO / "tests" / "engine").is_dir():
-        return False, f"no tests/ beside {REPO / 'bench'} (run from a checkout)"
+    repo = Path(checkout).resolve()  # the tests are not installed with the package
+    if not (repo / "tests" / "engine").is_dir():
+        return False, f"no tests/engine in {repo} (run from a checkout, or --checkout DIR)"
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
     cmd += ["tests/engine", "tests/moe", "tests/kernels"]
     try:
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return False, f"pytest -m gpu ran past {timeout} s"
     lines = (done.stdout + done.stderr).strip().splitlines()
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     )
     passed = True
     if not (args.skip_tests or args.dry_run):
-        passed, summary = run_gpu_tests(args.test_timeout)
+        passed, summary = run_gpu_tests(args.checkout, args.test_timeout)
         report.note(f"pytest -m gpu: {summary}" + ("" if passed else " (FAILED: see above)"))
     from ruyiflow.bench.gpu_dense import dense_figures
     from ruyiflow.bench.gpu_moe import moe_figures
