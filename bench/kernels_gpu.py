@@ -17,9 +17,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 import torch
-from ruyiflow.kernels.dispatch import has_triton
 
 from ruyiflow import kernels
+from ruyiflow.kernels.dispatch import has_triton
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -28,8 +28,9 @@ def smollm2_untrained():
 def hf_smollm2():
     """transformers' own GGUF loader (dequantise + un-permute) as an independent oracle."""
     import torch
-    from ruyiflow.engine.checkpoint import embedded_gguf_path
     from transformers import AutoModelForCausalLM
+
+    from ruyiflow.engine.checkpoint import embedded_gguf_path
 
     path = embedded_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(

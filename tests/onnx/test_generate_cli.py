@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from ruyiflow.engine.engine import Engine
-from ruyiflow.engine.sampling_params import SamplingParams
 
 from ruyiflow.cli import main
+from ruyiflow.engine.engine import Engine
+from ruyiflow.engine.sampling_params import SamplingParams
 
 PROMPT = "What is the capital of France?"
 NO_TORCH = "import sys; sys.modules['torch'] = None; from ruyiflow.cli import main; main()"

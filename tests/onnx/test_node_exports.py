@@ -4,6 +4,7 @@ missing or exported from another model than the topology names."""
 from __future__ import annotations
 
 import pytest
+
 from ruyiflow.engine.errors import ModelLoadError, ModelMismatch
 from ruyiflow.engine.ort_engine import open_ort_engine
 

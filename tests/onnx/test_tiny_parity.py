@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from ruyiflow.engine.checkpoint import load_model
 from ruyiflow.engine.model import Branch
 from ruyiflow.engine.onnx.runtime import OnnxBranch
-
 from ruyiflow.export.onnx_export import export_branch
 from tests import tiny
 from tests.onnx.util import assert_cache_equal, ort_run, torch_run
