@@ -5,6 +5,7 @@ the other `big` node, which continues from the relayed text with no token lost o
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -35,30 +36,25 @@ router:
 """
 
 
-def test_failover_from_a_node_without_tokenizer_resumes_from_the_relayed_text(tmp_path):
-    engines = {name: ScriptedEngine().start() for name in ("small", "big-0", "big-1")}
-    shared = [1]  # whichever big node gets the request first cuts its stream, once
-    for name in ("big-0", "big-1"):
-        engines[name].mode, engines[name].cuts_left = "cut_once", shared
-    ports = iter(free_ports(8))
-    nodes = "".join(
+def node_entries(engines, ports, model_of, exit_of) -> str:
+    return "".join(
         NODE.format(
             name=name,
             listen=next(ports),
             metrics=next(ports),
             base_url=engine.base_url,
-            model="smollm2" if name == "small" else "big",
-            exit=24 if name == "small" else 31,
+            model=model_of(name),
+            exit=exit_of(name),
             served=MODEL,
         )  # fmt: skip
         for name, engine in engines.items()
     )
-    (tmp_path / "big").mkdir()  # weights elsewhere, and no tokenizer.json here
-    topology = parse_topology(
-        TOPOLOGY.format(
-            big_path=tmp_path / "big", nodes=nodes, router=next(ports), router_metrics=next(ports)
-        )
-    )
+
+
+@contextlib.contextmanager
+def routed(topology, engines):
+    """The nodes (in threads) and a router of `topology`; a client once every node is healthy.
+    Stops them and the scripted engines afterwards."""
     stop = threading.Event()
     threads = [
         threading.Thread(
@@ -78,8 +74,7 @@ def test_failover_from_a_node_without_tokenizer_resumes_from_the_relayed_text(tm
             while not all(n.healthy for n in client.list_nodes()):
                 assert time.monotonic() < deadline, "nodes never became healthy"
                 time.sleep(0.2)
-            escalation = {"enabled": True, "force_after_tokens": 2}
-            chunks = list(client.generate("Capital?", max_tokens=8, exit=24, escalation=escalation))
+            yield client
     finally:
         router.stop(grace=1)
         stop.set()
@@ -87,6 +82,29 @@ def test_failover_from_a_node_without_tokenizer_resumes_from_the_relayed_text(tm
             thread.join(timeout=30)
         for engine in engines.values():
             engine.stop()
+
+
+def test_failover_from_a_node_without_tokenizer_resumes_from_the_relayed_text(tmp_path):
+    engines = {name: ScriptedEngine().start() for name in ("small", "big-0", "big-1")}
+    shared = [1]  # whichever big node gets the request first cuts its stream, once
+    for name in ("big-0", "big-1"):
+        engines[name].mode, engines[name].cuts_left = "cut_once", shared
+    ports = iter(free_ports(8))
+    nodes = node_entries(
+        engines,
+        ports,
+        lambda name: "smollm2" if name == "small" else "big",
+        lambda name: 24 if name == "small" else 31,
+    )
+    (tmp_path / "big").mkdir()  # weights elsewhere, and no tokenizer.json here
+    topology = parse_topology(
+        TOPOLOGY.format(
+            big_path=tmp_path / "big", nodes=nodes, router=next(ports), router_metrics=next(ports)
+        )
+    )
+    with routed(topology, engines) as client:
+        escalation = {"enabled": True, "force_after_tokens": 2}
+        chunks = list(client.generate("Capital?", max_tokens=8, exit=24, escalation=escalation))
     offset = 0
     for chunk in chunks:
         assert chunk.token_offset == offset  # nothing lost, nothing repeated
@@ -128,51 +146,15 @@ def test_a_request_started_on_a_node_without_tokenizer_fails_over_by_text(tmp_pa
     for engine in engines.values():
         engine.mode, engine.cuts_left = "cut_once", shared
     ports = iter(free_ports(6))
-    nodes = "".join(
-        NODE.format(
-            name=name,
-            listen=next(ports),
-            metrics=next(ports),
-            base_url=engine.base_url,
-            model="big",
-            exit=31,
-            served=MODEL,
-        )  # fmt: skip
-        for name, engine in engines.items()
-    )
+    nodes = node_entries(engines, ports, lambda _: "big", lambda _: 31)
     (tmp_path / "big").mkdir()
     topology = parse_topology(
         DIRECT.format(
             big_path=tmp_path / "big", nodes=nodes, router=next(ports), router_metrics=next(ports)
         )
     )
-    stop = threading.Event()
-    threads = [
-        threading.Thread(
-            target=run_node,
-            args=(topology, name, "cloud", stop),
-            kwargs={"open_backend": open_cloud_backend},
-            daemon=True,
-        )
-        for name in engines
-    ]
-    for thread in threads:
-        thread.start()
-    router = RouterDaemon(topology).start()
-    try:
-        with RouterClient(topology.router.listen, timeout=20) as client:
-            deadline = time.monotonic() + 30
-            while not all(n.healthy for n in client.list_nodes()):
-                assert time.monotonic() < deadline, "nodes never became healthy"
-                time.sleep(0.2)
-            chunks = list(client.generate("Capital?", max_tokens=6))
-    finally:
-        router.stop(grace=1)
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
-        for engine in engines.values():
-            engine.stop()
+    with routed(topology, engines) as client:
+        chunks = list(client.generate("Capital?", max_tokens=6))
     offset = 0
     for chunk in chunks:
         assert chunk.token_offset == offset
