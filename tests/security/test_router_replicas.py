@@ -19,24 +19,15 @@ from ruyiflow.cmd_up import children_of, health
 from ruyiflow.local_cluster import free_ports
 from ruyiflow.router.client import RouterClient
 from ruyiflow.supervisor import port_holder
+from tests.security.test_supervisor import TOPOLOGY as ONE_ROUTER
 
-TOPOLOGY = """
-models:
-  smollm2: {{path: smollm2, extra_exits: [12, 16, 20, 24]}}
-nodes:
-  - {{name: node-0, tier: cloud, listen: '127.0.0.1:{p[0]}', metrics: '127.0.0.1:{p[1]}',
-      model: smollm2, exits: [12, 16, 20, 24, 29], max_batch: 4, max_context: 1024}}
-router:
-  listen: '127.0.0.1:{p[2]}'
-  metrics: '127.0.0.1:{p[3]}'
-  http: ''
-  thresholds:
-    - {{below: 0.5, exit: 12}}
-    - {{exit: 29}}
-  grace_period_s: 1
-  replicas:
+# test_supervisor's one-router cluster, with a second router
+TOPOLOGY = (
+    ONE_ROUTER
+    + """  replicas:
     - {{listen: '127.0.0.1:{p[4]}', metrics: '127.0.0.1:{p[5]}', http: '127.0.0.1:{p[6]}'}}
 """
+)
 PROMPT = "Tell me about lighthouses."
 OPTIONS = {"max_tokens": 24, "temperature": 0.0, "exit": 20}
 
