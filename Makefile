@@ -1,5 +1,7 @@
 # The two commands of the README: `make up` (install, then run the default topology) and
 # `make test` (install, then the whole test suite). Everything else is a helper.
+# `python -P`: the repository root is not put first on sys.path, so its top-level folders
+# (kernels/, router/, ...) never shadow installed packages of the same name.
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ruyiflow-installed
@@ -16,7 +18,7 @@ up: install
 	$(BIN)/ruyiflow up --demo
 
 test: install
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=1 $(BIN)/python -P -m pytest -q tests
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -73,7 +73,7 @@ def run_gpu_tests(checkout: str, timeout: int) -> tuple[bool, str]:
     repo = Path(checkout).resolve()  # the tests are not installed with the package
     if not (repo / "tests" / "engine").is_dir():
         return False, f"no tests/engine in {repo} (run from a checkout, or --checkout DIR)"
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-P", "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
     cmd += ["tests/engine", "tests/moe", "tests/kernels"]
     try:
         done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout)

@@ -84,7 +84,8 @@ def children_of(topology_path: str, log_dir: Path | None = None) -> list[Child]:
     from ruyiflow.cluster.topology_yaml import load_topology
 
     topo = load_topology(topology_path)
-    base = [sys.executable, "-m", "ruyiflow"]
+    # -P: the daemons never import from the directory `up` was started in
+    base = [sys.executable, "-P", "-m", "ruyiflow"]
     out = []
     for n in topo.nodes:
         argv = [*base, n.tier, "--name", n.name, "--topology", topology_path]
