@@ -37,9 +37,7 @@ def load_tokenizer(source: str) -> Tokenizer:
     path = embedded_gguf_path() if source == EMBEDDED else Path(source).expanduser()
     if path.is_dir():
         return Tokenizer.from_dir(path)
-    import gguf
-
-    return Tokenizer.from_gguf(gguf.GGUFReader(str(path)))
+    return Tokenizer.from_gguf(path)
 
 
 def find_tokenizer(topology: Topology, spec: NodeSpec) -> Tokenizer | None:

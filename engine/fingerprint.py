@@ -48,6 +48,9 @@ class SampledTensors(Mapping[str, torch.Tensor]):
             self[key]  # a tensor the builder skipped (rotary buffers): read it now
         return self.samples[key]
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self.source
+
     def shape(self, key: str) -> tuple[int, ...]:
         shape = getattr(self.source, "shape", None)
         return shape(key) if callable(shape) else tuple(self.source[key].shape)

@@ -18,6 +18,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 
 from ruyiflow.engine.chat_template import check_templates, find_templates, read_json, render_chat
 from ruyiflow.engine.errors import InvalidRequest, ModelLoadError
+from ruyiflow.engine.loaders.gguf_file import GGUFFile
 
 
 class TokenizerError(ModelLoadError):
@@ -162,21 +163,21 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, reader: Any) -> Tokenizer:
-        """Build from a `gguf.GGUFReader`'s metadata (byte-level BPE vocabularies only)."""
-        where = str(getattr(getattr(reader, "data", None), "filename", None) or "GGUF file")
+    def from_gguf(cls, source: GGUFFile | str | Path) -> Tokenizer:
+        """Build from a GGUF file's metadata (byte-level BPE vocabularies only)."""
+        reader = source if isinstance(source, GGUFFile) else GGUFFile(source)
+        where = str(reader.path)
         try:
-            return cls._from_gguf(reader, where)
+            return cls._from_gguf(reader.metadata, where)
         except TokenizerError:
             raise
         except Exception as exc:  # corrupt metadata: ValueError, IndexError, TypeError, ...
             raise TokenizerError(f"{where}: cannot build a tokenizer from it ({exc})") from exc
 
     @classmethod
-    def _from_gguf(cls, reader: Any, where: str) -> Tokenizer:
+    def _from_gguf(cls, metadata: dict[str, Any], where: str) -> Tokenizer:
         def get(key: str, default: Any = None) -> Any:
-            field = reader.fields.get(f"tokenizer.{key}")
-            return default if field is None else field.contents()
+            return metadata.get(f"tokenizer.{key}", default)
 
         if (kind := get("ggml.model")) != "gpt2":
             raise TokenizerError(f"{where}: tokenizer.ggml.model {kind!r} unsupported (only gpt2)")
@@ -223,9 +224,7 @@ class Tokenizer:
         backend.post_processor = _edge_processor(head, tail)
         template = get("chat_template") or None
         prefix = "tokenizer.chat_template."
-        named = {
-            k[len(prefix) :]: f.contents() for k, f in reader.fields.items() if k.startswith(prefix)
-        }
+        named = {k[len(prefix) :]: v for k, v in metadata.items() if k.startswith(prefix)}
         try:
             check_templates([*named.values(), *([template] if template else [])], where)
         except ValueError as exc:

@@ -1,7 +1,7 @@
-"""Read a llama-architecture GGUF file: config from its metadata, tensors dequantized to float32
-with the `gguf` package and renamed to Hugging Face keys, Q/K rows un-permuted. Tensors are
-dequantized one at a time, when the model builder asks for them (`GGUFTensors`), so the float32
-form of the whole model never exists at once.
+"""Read a llama-architecture GGUF file (`gguf_file.GGUFFile`): config from its metadata, tensors
+dequantized to float32 with `gguf.quants` and renamed to Hugging Face keys, Q/K rows un-permuted.
+Tensors are dequantized one at a time, when the model builder asks for them (`GGUFTensors`), so
+the float32 form of the whole model never exists at once.
 
 llama.cpp's converter permutes q_proj/k_proj rows so RoPE can rotate adjacent pairs; Hugging Face
 rotates halves. `_unpermute` restores the HF order so the same RoPE code serves both sources.
@@ -18,6 +18,8 @@ import torch
 
 from ruyiflow.engine.config import ModelConfig, RopeConfig
 from ruyiflow.engine.errors import ModelLoadError
+from ruyiflow.engine.loaders.gguf_file import GGUFFile, TensorInfo
+from ruyiflow.engine.loaders.gguf_quants import dequantize
 
 LAYER_KEYS = {
     "attn_norm": "input_layernorm",
@@ -33,25 +35,17 @@ LAYER_KEYS = {
 TOP_KEYS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def open_gguf(path: Path) -> Any:
-    import gguf
-
+def open_gguf(path: Path) -> GGUFFile:
     if not path.is_file():
         raise ModelLoadError(f"{path}: GGUF file not found")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError, struct.error, IndexError...
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
+    return GGUFFile(path)  # ModelLoadError when corrupt
 
 
-def field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+def field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.get(key, default)
 
 
-def gguf_config(reader: Any) -> ModelConfig:
+def gguf_config(reader: GGUFFile) -> ModelConfig:
     arch = field(reader, "general.architecture")
     if arch != "llama":
         raise ModelLoadError(f"GGUF architecture {arch!r} unsupported (only llama)")
@@ -102,9 +96,9 @@ def _unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 class GGUFTensors(Mapping[str, torch.Tensor]):
     """float32 tensors by Hugging Face key, dequantized when indexed."""
 
-    def __init__(self, reader: Any, config: ModelConfig):
+    def __init__(self, reader: GGUFFile, config: ModelConfig):
         self.config = config
-        self._tensors: dict[str, Any] = {}
+        self._tensors: dict[str, TensorInfo] = {}
         for t in reader.tensors:
             base, _, kind = t.name.rpartition(".")
             if base.startswith("blk."):
@@ -122,19 +116,22 @@ class GGUFTensors(Mapping[str, torch.Tensor]):
         return tuple(int(d) for d in reversed(self._tensors[key].shape))  # GGUF: fastest first
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        from gguf.quants import dequantize
-
         t = self._tensors[key]
         try:
-            array = dequantize(t.data, t.tensor_type).reshape(self.shape(key))
+            array = dequantize(t).reshape(self.shape(key))
         except (ValueError, NotImplementedError) as exc:
             raise ModelLoadError(f"GGUF tensor {t.name!r}: cannot dequantize ({exc})") from exc
-        tensor = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))  # owned, writable
+        if not array.flags.writeable or not array.flags.c_contiguous:  # an F32 view of the file
+            array = np.array(array, order="C")
+        tensor = torch.from_numpy(array)  # owned, writable
         if key.endswith("q_proj.weight"):
             tensor = _unpermute(tensor, self.config.num_heads)
         elif key.endswith("k_proj.weight"):
             tensor = _unpermute(tensor, self.config.num_kv_heads)
         return tensor
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would dequantize it
+        return key in self._tensors
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -143,6 +140,6 @@ class GGUFTensors(Mapping[str, torch.Tensor]):
         return len(self._tensors)
 
 
-def gguf_tensors(reader: Any, config: ModelConfig) -> GGUFTensors:
+def gguf_tensors(reader: GGUFFile, config: ModelConfig) -> GGUFTensors:
     """float32 tensors by Hugging Face key, read lazily."""
     return GGUFTensors(reader, config)

@@ -129,6 +129,9 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
             raise ModelLoadError(f"{e.file}: cannot read tensor {key!r} ({exc})") from exc
         return data.view(e.dtype).view(e.shape)
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._entries
+
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entries[key].shape
 

@@ -44,7 +44,7 @@ def gguf_path() -> Path:
 
 @pytest.fixture(scope="module")
 def ours(gguf_path) -> Tokenizer:
-    return Tokenizer.from_gguf(gguf.GGUFReader(gguf_path))
+    return Tokenizer.from_gguf(gguf_path)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_gguf_pre_tokenizers_match_transformers(tmp_path, pre):
     from transformers import AutoTokenizer
 
     _write_gguf(tmp_path / "t.gguf", pre)
-    ours = Tokenizer.from_gguf(gguf.GGUFReader(tmp_path / "t.gguf"))
+    ours = Tokenizer.from_gguf(tmp_path / "t.gguf")
     hf = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
     text = "the 12345 in  a\n\n the's THE'S x½\tabc!!\r\n"
     pieces = [p for p, _ in ours.backend.pre_tokenizer.pre_tokenize_str(text)]
@@ -142,8 +142,8 @@ def test_gguf_pre_tokenizers_match_transformers(tmp_path, pre):
 def test_llama3_looks_up_whole_words_first(tmp_path):
     # llama.cpp (and Llama 3's tokenizer.json, ignore_merges) take "abc" whole although no merge
     # builds it; the plain GPT-2 style merges to "ab" + "c".
-    llama = Tokenizer.from_gguf(gguf.GGUFReader(_write_gguf(tmp_path / "l.gguf", "llama-bpe")))
-    qwen = Tokenizer.from_gguf(gguf.GGUFReader(_write_gguf(tmp_path / "q.gguf", "qwen2")))
+    llama = Tokenizer.from_gguf(_write_gguf(tmp_path / "l.gguf", "llama-bpe"))
+    qwen = Tokenizer.from_gguf(_write_gguf(tmp_path / "q.gguf", "qwen2"))
     assert [llama.id_to_token(i) for i in llama.encode("abc")] == ["abc"]
     assert [qwen.id_to_token(i) for i in qwen.encode("abc")] == ["ab", "c"]
     assert {"smollm", "qwen2", "llama-bpe", "default"} <= PRE_TOKENIZER_STYLES.keys()
@@ -362,9 +362,9 @@ def test_dir_errors(qwen_dir, tmp_path):
     ],
 )
 def test_gguf_errors(tmp_path, kwargs, match):
-    reader = gguf.GGUFReader(_write_gguf(tmp_path / "bad.gguf", **kwargs))
+    path = _write_gguf(tmp_path / "bad.gguf", **kwargs)
     with pytest.raises(TokenizerError, match=match) as info:
-        Tokenizer.from_gguf(reader)
+        Tokenizer.from_gguf(path)
     assert "bad.gguf" in str(info.value)
 
 
