@@ -127,6 +127,11 @@ class NodeSpec:
     providers: tuple[str, ...] = ()  # onnxruntime execution providers, in preference order
     onnx_dir: str | None = None  # onnxruntime: exports `exit-<E>/` (default: the user cache)
     device: str = "cpu"  # torch: where weights, KV cache and compute live (cpu, cuda, cuda:N)
+    # CPU threads of the engine (torch intra-op / ONNX Runtime intra-op). 0: this machine's
+    # cores shared among the topology's engine nodes that listen on loopback (`ruyiflow up` runs
+    # them side by side: two processes each spinning on every core run ~2.5x slower); a node
+    # listening elsewhere takes every core.
+    threads: int = 0
     # backend openai: an OpenAI-compatible engine (vLLM, SGLang, llama.cpp server) at `base_url`
     # serving `served_model`; its key is read from the variable `api_key_env` (never from here).
     # `tokenizer`: local tokenizer (HF dir, .gguf or `smollm2`; default: the model's path).
@@ -159,6 +164,7 @@ class NodeSpec:
         _check(self.max_context >= 1, "max_context", "must be >= 1")
         _check(self.max_queue >= 0, "max_queue", "must be >= 0 (0: 4 x max_batch)")
         _check(self.max_queued_tokens >= 0, "max_queued_tokens", "must be >= 0 (0: no bound)")
+        _check(self.threads >= 0, "threads", "must be >= 0 (0: share this machine's cores)")
         for key in ("providers", "onnx_dir"):
             _check(
                 not getattr(self, key) or self.backend == "onnxruntime",
@@ -170,6 +176,7 @@ class NodeSpec:
         _check(self.max_concurrency >= 0, "max_concurrency", "must be >= 0 (0: max_batch)")
         if self.backend == "openai":
             self._check_engine()
+            _check(not self.threads, "threads", "not valid with backend openai (the engine's own)")
         else:
             for key in ENGINE_FIELDS:
                 _check(not getattr(self, key), key, "only valid with backend openai")

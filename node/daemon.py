@@ -23,6 +23,7 @@ from ruyiflow.node.backend import BackendFacts, OpenedBackend
 from ruyiflow.node.gate import open_gate
 from ruyiflow.node.metrics import NodeMetrics
 from ruyiflow.node.servicer import NodeIdentity, NodeServicer
+from ruyiflow.node.threads import engine_threads
 from ruyiflow.node.worker import EngineWorker
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
@@ -43,10 +44,15 @@ def bind_address(address: str) -> str:
 def open_engine(topology: Topology, spec: NodeSpec) -> Engine:
     """The node's engine over the model runner its backend names."""
     model_spec = topology.model(spec.model)
+    threads = engine_threads(topology, spec)
+    log.info("%s: engine on %d CPU thread(s)", spec.name, threads)
     if spec.backend == "onnxruntime":  # torch-free: ONNX exports of each served exit
         args: tuple = (onnx_dir_for(topology, spec), spec.exits, spec.providers, model_spec.path)
-        runner = open_runner("onnxruntime", *args)
+        runner = open_runner("onnxruntime", *args, threads=threads)
     else:
+        import torch
+
+        torch.set_num_threads(threads)
         runner = open_runner(
             "torch",
             model_spec.path,
