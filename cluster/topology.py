@@ -128,9 +128,7 @@ class NodeSpec:
     onnx_dir: str | None = None  # onnxruntime: exports `exit-<E>/` (default: the user cache)
     device: str = "cpu"  # torch: where weights, KV cache and compute live (cpu, cuda, cuda:N)
     # CPU threads of the engine (torch intra-op / ONNX Runtime intra-op). 0: this machine's
-    # cores shared among the topology's engine nodes that listen on loopback (`ruyiflow up` runs
-    # them side by side: two processes each spinning on every core run ~2.5x slower); a node
-    # listening elsewhere takes every core.
+    # cores shared among the topology's engine nodes listening on the same host (node.threads).
     threads: int = 0
     # backend openai: an OpenAI-compatible engine (vLLM, SGLang, llama.cpp server) at `base_url`
     # serving `served_model`; its key is read from the variable `api_key_env` (never from here).

@@ -44,14 +44,19 @@ def test_an_openai_node_takes_no_share(tmp_path):
     assert engine_threads(topo, topo.node("edge-0"), cores=8) == 4
 
 
-def test_explicit_threads_and_a_node_beyond_loopback(tmp_path):
+def test_explicit_threads_and_nodes_beyond_loopback(tmp_path):
     def edit(text: str) -> str:
         text = text.replace("    max_context: 2048\n", "    max_context: 2048\n    threads: 3\n", 1)
         return text.replace("listen: 127.0.0.1:", "listen: 10.0.0.7:", 2)  # edge-0 and cloud-0
 
     topo = _default(tmp_path, edit)
     assert engine_threads(topo, topo.node("edge-0"), cores=8) == 3
-    assert engine_threads(topo, topo.node("cloud-0"), cores=8) == 8
+    assert engine_threads(topo, topo.node("cloud-0"), cores=8) == 4  # same host as edge-0
+    apart = _default(tmp_path, lambda t: t.replace("listen: 127.0.0.1:", "listen: 10.0.0.7:", 1))
+    assert engine_threads(apart, apart.node("edge-0"), cores=8) == 8  # alone on 10.0.0.7
+    assert engine_threads(apart, apart.node("cloud-0"), cores=8) == 8  # alone on loopback
+    wild = _default(tmp_path, lambda t: t.replace("listen: 127.0.0.1:", "listen: 0.0.0.0:", 2))
+    assert engine_threads(wild, wild.node("edge-0"), cores=8) == 8
 
 
 @pytest.mark.parametrize(
@@ -70,4 +75,3 @@ def test_an_openai_node_refuses_threads(tmp_path):
     node = ENGINE_NODE.lstrip("\n") + "    threads: 2\n"
     with pytest.raises(TopologyError, match="threads.*backend openai"):
         _default(tmp_path, lambda t: t.replace("router:", node + "router:"))
-
