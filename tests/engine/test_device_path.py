@@ -88,13 +88,14 @@ def test_familial_forward_device_equals_torch(monkeypatch, ruyi) -> None:
         ],
     ]
     lengths = [38, 3, 20, 2]
-    for t in range(20):  # decode only: one kernel launch per layer; crosses page edges
+    for t in range(15):  # decode only: one kernel launch per layer; every row crosses a page edge
         steps.append(
             lambda cs, t=t: [Work(cs[k], [11 + k], lengths[k] + t, exits[k]) for k in range(4)]
         )
     launches = forward_both(monkeypatch, ruyi.model, pool, steps)
     # decode-only steps: one launch per layer run (4 trunk + 3 branch layers)
-    assert launches["paged_attention"] >= 20 * 7
+    assert all((n - 1) // 16 < (n + 14) // 16 for n in lengths)  # the page edges crossed
+    assert launches["paged_attention"] >= 15 * 7
 
 
 def test_switch_and_handoff_device_equals_torch(monkeypatch, ruyi) -> None:
@@ -178,7 +179,7 @@ def test_graph_body_over_static_inputs_equals_eager(monkeypatch, ruyi) -> None:
             return self.graphs[key]
 
     on(monkeypatch, "device")
-    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
     prompts = [list(range(3, 23)), [5, 6, 7], list(range(40, 47))]
     results = {}
     for mode in ("graphs", "eager"):
@@ -194,5 +195,5 @@ def test_graph_body_over_static_inputs_equals_eager(monkeypatch, ruyi) -> None:
                 out[e.seq_id].append((e.token_id, round(e.confidence.max_prob, 5)))
         results[mode] = [out[i] for i in ids]
         if mode == "graphs":
-            assert runner.graphs.num_replays >= 10 and (4, 4) in runner.graphs.graphs
+            assert runner.graphs.num_replays >= 6 and (4, 4) in runner.graphs.graphs
     assert results["graphs"] == results["eager"]
