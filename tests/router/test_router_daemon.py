@@ -173,7 +173,8 @@ def test_sigterm_drains_and_exits(tmp_path) -> None:
             reply = check(health_pb2.HealthCheckRequest(), timeout=20, wait_for_ready=True)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
+        # ~1 s alone; the bound is for a machine the parallel suite keeps busy
+        assert process.wait(timeout=30) == 0
         assert "router stopped" in process.stderr.read()
     finally:
         process.kill()
