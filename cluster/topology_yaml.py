@@ -22,14 +22,9 @@ from typing import Any
 import yaml
 
 from ruyiflow.cluster.errors import TopologyError
-from ruyiflow.cluster.topology import (
-    LinkSpec,
-    ModelSpec,
-    NodeSpec,
-    RouterSpec,
-    TlsSpec,
-    Topology,
-)
+from ruyiflow.cluster.node_spec import NodeSpec
+from ruyiflow.cluster.router_spec import RouterSpec
+from ruyiflow.cluster.topology import LinkSpec, ModelSpec, TlsSpec, Topology
 from ruyiflow.cluster.units import parse_bandwidth
 
 _TOP_KEYS = ("models", "nodes", "router", "links", "tls")

@@ -17,18 +17,9 @@ import grpc
 
 from ruyiflow.cluster.access import LOCAL, AccessPolicy, Caller, Dialer
 from ruyiflow.cluster.errors import PermissionDenied
-from ruyiflow.cluster.escalation import EscalationSettings
 from ruyiflow.cluster.grpc_server import Admission, channel_options
-from ruyiflow.cluster.limits import (
-    MAX_NODE_PROMPT_BYTES,
-    MAX_NODE_REQUEST_BYTES,
-    check_request_size,
-    check_roles,
-    prompt_bytes,
-)
-from ruyiflow.cluster.wire import ENGINE_FINISH, FINISH_REASON, HANDOFF_MODE, HANDOFF_REASON, TIER
+from ruyiflow.cluster.wire import HANDOFF_MODE, TIER
 from ruyiflow.engine.errors import InvalidRequest, NodeUnavailable
-from ruyiflow.engine.events import TokenEvent
 from ruyiflow.engine.sampling_params import SamplingParams
 from ruyiflow.engine.tokenizer import Tokenizer
 from ruyiflow.node.accepted import AcceptedStates
@@ -36,18 +27,20 @@ from ruyiflow.node.backend import BackendFacts, Finished, NodeBackend
 from ruyiflow.node.framing import STATE_MODES, header_for, read_state, state_parts
 from ruyiflow.node.gate import GateCheck
 from ruyiflow.node.metrics import NodeMetrics
+from ruyiflow.node.wire import (
+    escalation_from_proto,
+    finish_reason,
+    gate_check_proto,
+    handoff_chunk,
+    request_prompt_ids,
+    sampling_from_proto,
+    token_chunk,
+)
 from ruyiflow.node.worker import LocalSwitch, Parked, RequestHandle
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.proto import ruyiflow_pb2_grpc as pb_grpc
 
 MIN_ACCEPTED_STATES = 4
-
-
-def finish_reason(engine_reason: str | None) -> int:
-    """The wire value of an engine finish reason (unspecified while the stream goes on)."""
-    if engine_reason is None:
-        return pb.FINISH_REASON_UNSPECIFIED
-    return FINISH_REASON.value(ENGINE_FINISH[engine_reason])
 
 
 @dataclass(frozen=True)
@@ -62,49 +55,6 @@ class NodeIdentity:
     max_streams: int | None = None  # Generate/Resume streams at once (None: no limit)
     # Prompt + max_tokens summed over those streams (None: no limit); `max_queued_tokens`.
     max_tokens: int | None = None
-
-
-def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
-    opt = {
-        f: getattr(s, f)
-        for f in (
-            "max_tokens",
-            "temperature",
-            "top_k",
-            "top_p",
-            "min_p",
-            "repetition_penalty",
-            "no_repeat_ngram_size",
-            "seed",
-        )
-        if s.HasField(f)
-    }
-    if "no_repeat_ngram_size" in opt:
-        opt["no_repeat_ngram_size"] = int(opt["no_repeat_ngram_size"])
-    return SamplingParams(**opt, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids))
-
-
-def gate_check_proto(check: GateCheck) -> pb.GateCheck:
-    """The wire form of one look of the confidence gate (`node.gate`)."""
-    c = check.confidence
-    out = pb.GateCheck(
-        exit=check.exit,
-        measure=check.measure,
-        passed=check.passed,
-        to_exit=check.to_exit or 0,
-        confidence=pb.TokenConfidence(max_prob=c.max_prob, margin=c.margin, entropy=c.entropy),
-    )
-    if check.value is not None:
-        out.value = check.value
-    if check.threshold is not None:
-        out.threshold = check.threshold
-    return out
-
-
-def escalation_from_proto(e: pb.EscalationSettings) -> EscalationSettings:
-    """Per-request settings; a field the router left unset takes the shared default."""
-    fields = ("enabled", "window", "threshold", "force_after_tokens", "force_to_exit")
-    return EscalationSettings(**{f: getattr(e, f) for f in fields if e.HasField(f)})
 
 
 class NodeServicer(pb_grpc.NodeServicer):
@@ -172,7 +122,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             context
         ).is_router:
             raise PermissionDenied("prefix_text and prefix_token_ids are for the router only")
-        prompt_ids = self._prompt_ids(request)
+        prompt_ids = request_prompt_ids(request, self.tokenizer, self.id.max_context)
         exit_layer = (
             request.overrides.exit if request.overrides.HasField("exit") else self.id.exits[-1]
         )
@@ -273,7 +223,9 @@ class NodeServicer(pb_grpc.NodeServicer):
                     m.escalations.labels(**m.lab(kind="handoff", reason=item.reason)).inc()
                     m.handoff_bytes.labels(**m.lab(direction="out")).observe(item.state_bytes)
                     outcome = "handoff"
-                    chunk = self._handoff_chunk(handle.request_id, item, offset, exit_layer)
+                    chunk = handoff_chunk(
+                        handle.request_id, item, offset, self._source(exit_layer), self.fingerprint
+                    )
                     chunk.gate.extend(gate)
                     gate.clear()
                     chunk.num_prompt_tokens = num_prompt_tokens if is_first else 0
@@ -286,7 +238,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 )
                 last = now
                 m.tokens.labels(**m.lab(exit=str(item.exit))).inc()
-                chunk = self._token_chunk(handle.request_id, item, offset)
+                chunk = token_chunk(handle.request_id, item, offset, self._source(item.exit))
                 chunk.gate.extend(gate)
                 gate.clear()
                 chunk.num_prompt_tokens = num_prompt_tokens if is_first else 0
@@ -304,37 +256,6 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     def _source(self, exit_layer: int) -> pb.Source:
         return pb.Source(node=self.id.name, tier=TIER.value(self.id.tier), exit=exit_layer)
-
-    def _token_chunk(self, request_id: str, ev: TokenEvent, offset: int) -> pb.Chunk:
-        c = ev.confidence
-        return pb.Chunk(
-            request_id=request_id,
-            text=ev.text,
-            token_ids=[ev.token_id],
-            confidence=[
-                pb.TokenConfidence(max_prob=c.max_prob, margin=c.margin, entropy=c.entropy)
-            ],
-            source=self._source(ev.exit),
-            token_offset=offset,
-            finish_reason=finish_reason(ev.finish_reason),
-        )
-
-    def _handoff_chunk(self, request_id: str, p: Parked, offset: int, exit_layer: int) -> pb.Chunk:
-        return pb.Chunk(
-            request_id=request_id,
-            source=self._source(exit_layer),
-            token_offset=offset,
-            finish_reason=pb.FINISH_REASON_HANDOFF,
-            handoff=pb.HandoffNeeded(
-                from_exit=p.from_exit,
-                suggested_to_exit=p.to_exit,
-                reason=HANDOFF_REASON.value(p.reason),
-                state_handle=p.handle,
-                state_bytes=p.state_bytes,
-                num_tokens=p.num_tokens,
-                model_fingerprint=self.fingerprint,
-            ),
-        )
 
     # -- moving states ----------------------------------------------------------------------------
     def AcceptState(self, request_iterator, context: grpc.ServicerContext) -> pb.AcceptStateReply:
@@ -450,34 +371,3 @@ class NodeServicer(pb_grpc.NodeServicer):
     def _check_ready(self) -> None:
         if self.worker is None:
             raise NodeUnavailable(f"node {self.id.name} is still loading its model")
-
-    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
-        """The prompt's token ids. Sizes and roles are checked before anything is tokenized:
-        encoding holds the GIL, and every stream of this node waits while it runs."""
-        tok = self.tokenizer
-        check_request_size(request, MAX_NODE_REQUEST_BYTES)
-        kind = request.WhichOneof("prompt")
-        if kind == "token_ids":
-            ids = list(request.token_ids.ids)
-        elif kind in ("text", "conversation"):
-            check_roles(request)
-            num_bytes = prompt_bytes(request) + len(request.prefix_text.encode())
-            if num_bytes > MAX_NODE_PROMPT_BYTES:
-                raise InvalidRequest(
-                    f"prompt too long: {num_bytes} bytes of text, limit {MAX_NODE_PROMPT_BYTES}"
-                )
-            if kind == "text":
-                ids = tok.encode(request.text)
-            else:
-                messages = [
-                    {"role": m.role, "content": m.content} for m in request.conversation.messages
-                ]
-                thinking = request.enable_thinking if request.HasField("enable_thinking") else None
-                ids = tok.encode(tok.apply_chat_template(messages, enable_thinking=thinking))
-        else:
-            raise InvalidRequest("request has no prompt (conversation, text or token_ids)")
-        if len(ids) > self.id.max_context:
-            raise InvalidRequest(
-                f"prompt of {len(ids)} tokens exceeds the context length {self.id.max_context}"
-            )
-        return ids

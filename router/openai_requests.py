@@ -20,7 +20,8 @@ from ruyiflow.cluster.openai_types import (
     RuyiflowOptions,
     SamplingRequest,
 )
-from ruyiflow.cluster.topology import HANDOFF_MODES, TIERS, Topology
+from ruyiflow.cluster.router_spec import HANDOFF_MODES
+from ruyiflow.cluster.topology import TIERS, Topology
 from ruyiflow.cluster.wire import HANDOFF_MODE, TIER
 from ruyiflow.proto import ruyiflow_pb2 as pb
 from ruyiflow.router.openai_errors import ApiError, invalid

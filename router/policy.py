@@ -23,7 +23,8 @@ from ruyiflow.cluster.errors import (
     Overloaded,
     RetryLater,
 )
-from ruyiflow.cluster.topology import HANDOFF_MODES, TIERS, Threshold, Topology
+from ruyiflow.cluster.router_spec import HANDOFF_MODES, Threshold
+from ruyiflow.cluster.topology import TIERS, Topology
 
 RETRY_AFTER_S = 1.0  # the hint when every node that could serve a request is full
 

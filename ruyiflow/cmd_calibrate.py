@@ -164,7 +164,7 @@ def _finish(args: argparse.Namespace, topology, update) -> None:
 
 
 def run_shares(args: argparse.Namespace) -> int:
-    from ruyiflow.cluster.topology import RouterSpec
+    from ruyiflow.cluster.router_spec import RouterSpec
     from ruyiflow.evaluation.prompts import load_prompts
     from ruyiflow.evaluation.results import load_results
     from ruyiflow.router.scorers import make_scorer

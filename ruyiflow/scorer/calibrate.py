@@ -26,7 +26,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ruyiflow.cluster.topology import Threshold, Topology
+from ruyiflow.cluster.router_spec import Threshold
+from ruyiflow.cluster.topology import Topology
 from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.evaluation.prompts import Prompt
 from ruyiflow.evaluation.results import PromptResult

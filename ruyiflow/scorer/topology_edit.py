@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from ruyiflow.cluster.calibration import Calibration
-from ruyiflow.cluster.topology import EscalationSpec, Threshold, Topology
+from ruyiflow.cluster.router_spec import EscalationSpec, Threshold
+from ruyiflow.cluster.topology import Topology
 from ruyiflow.cluster.topology_yaml import parse_topology
 from ruyiflow.engine.errors import RuyiflowError
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from ruyiflow.cluster.errors import TopologyError
-from ruyiflow.cluster.topology import LinkSpec, NodeSpec, Threshold, Topology
+from ruyiflow.cluster.router_spec import Threshold
+from ruyiflow.cluster.topology import LinkSpec, NodeSpec, Topology
 from ruyiflow.cluster.topology_yaml import parse_topology
 from ruyiflow.cluster.units import parse_address, parse_bandwidth
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from ruyiflow import cmd_calibrate
-from ruyiflow.cluster.topology import Threshold, Topology
+from ruyiflow.cluster.router_spec import Threshold
+from ruyiflow.cluster.topology import Topology
 from ruyiflow.engine.errors import InvalidRequest
 from ruyiflow.evaluation.prompts import load_prompts
 from ruyiflow.evaluation.results import load_results

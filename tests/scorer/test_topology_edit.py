@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from ruyiflow.cluster.topology import EscalationSpec, Threshold
+from ruyiflow.cluster.router_spec import EscalationSpec, Threshold
 from ruyiflow.cluster.topology_yaml import parse_topology
 from ruyiflow.scorer.topology_edit import RouterUpdate, fragment, redumped, update_topology_text
 
