@@ -13,11 +13,11 @@ from ruyiflow.cluster.spec_checks import (
     ENGINE_URL_RE,
     ENV_NAME_RE,
     check,
+    check_addresses,
     check_exits,
     check_name,
     check_one_of,
 )
-from ruyiflow.cluster.units import parse_address
 from ruyiflow.engine.device import check_device_name
 
 TIERS = ("edge", "cloud")  # shallow first: ties go to the cheaper tier
@@ -71,11 +71,7 @@ class NodeSpec:
             "'router' and 'router-N' are reserved for the routers",
         )
         check_one_of(self.tier, TIERS, "tier")
-        for key in ("listen", "metrics"):
-            try:
-                parse_address(getattr(self, key))
-            except TopologyError as exc:
-                raise TopologyError(exc.problem, key) from None
+        check_addresses(self, ("listen", "metrics"))
         check(bool(self.model), "model", "must not be empty")
         check_exits(self.exits, "exits", allow_empty=False)
         check_one_of(self.backend, BACKENDS, "backend")

@@ -8,10 +8,8 @@ import math
 from dataclasses import dataclass
 
 from ruyiflow.cluster.calibration import Calibration
-from ruyiflow.cluster.errors import TopologyError
 from ruyiflow.cluster.escalation import EscalationSettings
-from ruyiflow.cluster.spec_checks import ENV_NAME_RE, check, check_one_of
-from ruyiflow.cluster.units import parse_address
+from ruyiflow.cluster.spec_checks import ENV_NAME_RE, check, check_addresses, check_one_of
 
 SCORERS = ("heuristic", "learned")
 HANDOFF_MODES = ("auto", "hidden", "tokens")
@@ -84,11 +82,7 @@ class RouterReplica:
     http: str = ""
 
     def __post_init__(self) -> None:
-        for key in ("listen", "metrics", "http")[: 3 if self.http else 2]:
-            try:
-                parse_address(getattr(self, key))
-            except TopologyError as exc:
-                raise TopologyError(exc.problem, key) from None
+        check_addresses(self, ("listen", "metrics", "http")[: 3 if self.http else 2])
 
 
 @dataclass(frozen=True)
@@ -123,11 +117,7 @@ class RouterSpec:
         return (self.listen, *(r.listen for r in self.replicas))
 
     def __post_init__(self) -> None:
-        for key in ("listen", "metrics", "http")[: 3 if self.http else 2]:
-            try:
-                parse_address(getattr(self, key))
-            except TopologyError as exc:
-                raise TopologyError(exc.problem, key) from None
+        check_addresses(self, ("listen", "metrics", "http")[: 3 if self.http else 2])
         check(len(self.thresholds) > 0, "thresholds", "must list at least one exit")
         for i, threshold in enumerate(self.thresholds):
             path = f"thresholds[{i}]"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 from ruyiflow.cluster.errors import TopologyError
+from ruyiflow.cluster.units import parse_address
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -33,3 +34,12 @@ def check_exits(exits: tuple[int, ...], path: str, allow_empty: bool) -> None:
     for i, exit_ in enumerate(exits):
         check(exit_ >= 1, f"{path}[{i}]", f"exit {exit_} must be a layer index >= 1")
         check(i == 0 or exit_ > exits[i - 1], f"{path}[{i}]", "exits must be strictly increasing")
+
+
+def check_addresses(spec: object, keys: tuple[str, ...]) -> None:
+    """Each `host:port` field of `spec` named in `keys` parses (errors name the field)."""
+    for key in keys:
+        try:
+            parse_address(getattr(spec, key))
+        except TopologyError as exc:
+            raise TopologyError(exc.problem, key) from None
