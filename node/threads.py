@@ -17,6 +17,7 @@ from ruyiflow.cluster.topology import NodeSpec, Topology
 from ruyiflow.cluster.units import parse_address
 
 ENGINE_BACKENDS = ("torch", "onnxruntime")  # backend openai computes in another process
+WILDCARDS = ("0.0.0.0", "::", "")
 
 
 def usable_cores() -> int:
@@ -25,9 +26,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-WILDCARDS = ("0.0.0.0", "::", "")
 
 
 def machine_of(spec: NodeSpec) -> str | None:

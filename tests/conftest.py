@@ -59,8 +59,7 @@ def hf_smollm2():
         t = tensors.get(f"{names.get_name(base)}.{suffix}")
         if t is None:
             continue  # the tied head: checked below
-        rows = t.data.reshape(t.num_elements // t.shape[0], -1)
-        values = dequantize(rows, t.tensor_type).reshape(tuple(reversed(t.shape)))
+        values = dequantize(t.rows(), t.tensor_type).reshape(tuple(reversed(t.shape)))
         values = processor.process(weights=values, name=t.name).weights
         state[key] = torch.from_numpy(np.array(values, dtype=np.float32))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -5,7 +5,7 @@ vocabulary), which costs seconds at every model load; here strings and scalars a
 `struct` from the mapped bytes and tensor data are plain ndarray views (no memmap subclass, whose
 per-view bookkeeping also slows dequantisation ~3x). Every offset and length is checked against
 the file's size: a truncated or corrupt file is a ModelLoadError, never a crash or a huge read.
-Dequantisation itself stays with `gguf.quants`.
+Dequantisation is `gguf_quants` (and `gguf.quants` for the block types it leaves).
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ class TensorInfo:
     @property
     def num_elements(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
+
+    def rows(self) -> np.ndarray:
+        """The raw bytes as [rows, bytes of one row], the layout `gguf.quants` decodes."""
+        return self.data.reshape(self.num_elements // self.shape[0], -1)
 
 
 class GGUFFile:

@@ -1,5 +1,5 @@
 """Read a llama-architecture GGUF file (`gguf_file.GGUFFile`): config from its metadata, tensors
-dequantized to float32 with `gguf.quants` and renamed to Hugging Face keys, Q/K rows un-permuted.
+dequantized to float32 (`gguf_quants`) and renamed to Hugging Face keys, Q/K rows un-permuted.
 Tensors are dequantized one at a time, when the model builder asks for them (`GGUFTensors`), so
 the float32 form of the whole model never exists at once.
 
@@ -13,7 +13,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ruyiflow.engine.config import ModelConfig, RopeConfig
@@ -41,17 +40,13 @@ def open_gguf(path: Path) -> GGUFFile:
     return GGUFFile(path)  # ModelLoadError when corrupt
 
 
-def field(reader: GGUFFile, key: str, default: Any = None) -> Any:
-    return reader.get(key, default)
-
-
 def gguf_config(reader: GGUFFile) -> ModelConfig:
-    arch = field(reader, "general.architecture")
+    arch = reader.get("general.architecture")
     if arch != "llama":
         raise ModelLoadError(f"GGUF architecture {arch!r} unsupported (only llama)")
 
     def need(key: str) -> Any:
-        value = field(reader, f"llama.{key}")
+        value = reader.get(f"llama.{key}")
         if value is None:
             raise ModelLoadError(f"GGUF metadata is missing llama.{key}")
         return value
@@ -60,8 +55,8 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
     hidden = int(need("embedding_length"))
     num_heads = int(need("attention.head_count"))
     names = {t.name for t in reader.tensors}
-    vocab = field(reader, "llama.vocab_size") or len(field(reader, "tokenizer.ggml.tokens", []))
-    eos = field(reader, "tokenizer.ggml.eos_token_id")
+    vocab = reader.get("llama.vocab_size") or len(reader.get("tokenizer.ggml.tokens", []))
+    eos = reader.get("tokenizer.ggml.eos_token_id")
     return ModelConfig(
         family="llama",
         vocab_size=int(vocab),
@@ -69,16 +64,16 @@ def gguf_config(reader: GGUFFile) -> ModelConfig:
         intermediate_size=int(need("feed_forward_length")),
         num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=int(field(reader, "llama.attention.head_count_kv", num_heads)),
-        head_dim=int(field(reader, "llama.rope.dimension_count", hidden // num_heads)),
+        num_kv_heads=int(reader.get("llama.attention.head_count_kv", num_heads)),
+        head_dim=int(reader.get("llama.rope.dimension_count", hidden // num_heads)),
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        rope=RopeConfig(theta=float(field(reader, "llama.rope.freq_base", 10000.0))),
+        rope=RopeConfig(theta=float(reader.get("llama.rope.freq_base", 10000.0))),
         max_position_embeddings=int(need("context_length")),
         exits=(num_layers - 1,),
         default_exit=num_layers - 1,
         tie_word_embeddings="output.weight" not in names,
         shared_heads=True,
-        bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
+        bos_token_id=reader.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=(int(eos),) if eos is not None else (),
     )
 
@@ -121,9 +116,7 @@ class GGUFTensors(Mapping[str, torch.Tensor]):
             array = dequantize(t).reshape(self.shape(key))
         except (ValueError, NotImplementedError) as exc:
             raise ModelLoadError(f"GGUF tensor {t.name!r}: cannot dequantize ({exc})") from exc
-        if not array.flags.writeable or not array.flags.c_contiguous:  # an F32 view of the file
-            array = np.array(array, order="C")
-        tensor = torch.from_numpy(array)  # owned, writable
+        tensor = torch.from_numpy(array)  # dequantize returns a new array: owned, writable
         if key.endswith("q_proj.weight"):
             tensor = _unpermute(tensor, self.config.num_heads)
         elif key.endswith("k_proj.weight"):

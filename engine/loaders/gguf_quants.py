@@ -14,8 +14,6 @@ import numpy as np
 
 from ruyiflow.engine.loaders.gguf_file import TensorInfo
 
-BLOCK = 32
-
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
     """[blocks, 16] uint8 -> [blocks, 32] float32 in block order (low halves, then high)."""
@@ -43,8 +41,9 @@ FAST = {"Q4_0": (18, _q4_0), "Q4_1": (20, _q4_1), "Q8_0": (34, _q8_0)}
 
 
 def dequantize(t: TensorInfo) -> np.ndarray:
-    """The tensor as float32, flat (GGUF order: fastest dimension last after reshaping by the
-    reversed shape). ValueError / NotImplementedError for a type neither path decodes."""
+    """The tensor as a new float32 array (owned and writable, never a view of the file), flat
+    (GGUF order: fastest dimension last after reshaping by the reversed shape). ValueError /
+    NotImplementedError for a type neither path decodes."""
     kind = t.tensor_type.name
     if kind == "F32":
         return t.data.view("<f4").astype(np.float32)
@@ -57,5 +56,4 @@ def dequantize(t: TensorInfo) -> np.ndarray:
         return decode(t.data.reshape(-1, block_bytes)).reshape(-1)
     from gguf.quants import dequantize as slow
 
-    rows = t.data.reshape(t.num_elements // t.shape[0], -1)  # [rows, bytes of one row]
-    return np.asarray(slow(rows, t.tensor_type), dtype=np.float32).reshape(-1)
+    return np.array(slow(t.rows(), t.tensor_type), dtype=np.float32).reshape(-1)
