@@ -8,10 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from ruyiflow.local_cluster import free_ports
+from tests.security.test_supervisor import start_up as start_up_topology
+from tests.security.test_supervisor import wait_for
 
 # The engine starts a worker of its own (as vLLM does), records both pids and never answers.
 ENGINE = """
@@ -55,14 +56,6 @@ def is_running(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def start_up(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
     engine, pids = tmp_path / "engine.py", tmp_path / "engine.pids"
     engine.write_text(ENGINE)
@@ -70,10 +63,7 @@ def start_up(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
     topology.write_text(
         TOPOLOGY.format(p=free_ports(5), python=sys.executable, engine=engine, pids=pids)
     )
-    log = tmp_path / "up.log"
-    argv = [sys.executable, "-m", "ruyiflow", "up", "--topology", str(topology)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    proc, log = start_up_topology(topology)
     return proc, pids, log
 
 

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -20,6 +19,7 @@ from ruyiflow.local_cluster import free_ports
 from ruyiflow.router.client import RouterClient
 from ruyiflow.supervisor import port_holder
 from tests.security.test_supervisor import TOPOLOGY as ONE_ROUTER
+from tests.security.test_supervisor import start_up, wait_for
 
 # test_supervisor's one-router cluster, with a second router
 TOPOLOGY = (
@@ -58,14 +58,6 @@ def test_up_runs_each_replica_on_its_own_ports(tmp_path):
     ]
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def router_pid(address: str) -> int:
     return int(re.search(r"pid (\d+)", port_holder(int(address.rsplit(":", 1)[1]))).group(1))
 
@@ -76,10 +68,7 @@ def test_a_stream_survives_the_sigkill_of_an_up_started_router(tmp_path):
     topology = tmp_path / "topology.yaml"
     topology.write_text(TOPOLOGY.format(p=ports))
     routers = [f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[4]}"]
-    log = tmp_path / "up.log"
-    argv = [sys.executable, "-m", "ruyiflow", "up", "--topology", str(topology)]
-    with open(log, "wb") as out:
-        up = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    up, log = start_up(topology)
     try:
         wait_for(lambda: "all healthy" in log.read_text() or up.poll() is not None, 180, "up")
         assert up.poll() is None, log.read_text()
