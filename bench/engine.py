@@ -81,6 +81,8 @@ def transformers_rate(loaded, n: int) -> float:
     """transformers `generate` (greedy, KV cache) decode tokens/s on the same float32 weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from ruyiflow.bench.gpu_figures import timed_generate
+
     c, m = loaded.config, loaded.model
     cfg = LlamaConfig(
         vocab_size=c.vocab_size,
@@ -115,11 +117,7 @@ def transformers_rate(loaded, n: int) -> float:
     ids = torch.tensor([PROMPT], device=m.device)
 
     def timed(new: int) -> float:
-        if m.device.type == "cuda":
-            torch.cuda.synchronize(m.device)
-        t = time.perf_counter()
-        hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        return time.perf_counter() - t
+        return timed_generate(hf, ids, new)[0]
 
     timed(4)
     return (n - 1) / (timed(n) - timed(1))

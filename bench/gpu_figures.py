@@ -76,26 +76,31 @@ def decode_rate(
     return count / elapsed
 
 
+def timed_generate(model, ids: torch.Tensor, new: int) -> tuple[float, list[int]]:
+    """Seconds transformers `generate` takes for exactly `new` greedy tokens after `ids` [1, T]
+    (its own KV cache; synchronised on CUDA), and those tokens."""
+    sync(ids.device)
+    started = time.perf_counter()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    sync(ids.device)
+    return time.perf_counter() - started, out[0, ids.shape[1] :].tolist()
+
+
 def transformers_rate(hf, tokens: int, device: torch.device) -> float:
     """transformers `generate` (greedy, its KV cache) decode tokens/s: (time of n+1 new tokens -
     time of 1) / n, best of two."""
     ids = torch.tensor([PROMPT], device=device)
-    mask = torch.ones_like(ids)
 
     def timed(new: int) -> float:
-        sync(device)
-        started = time.perf_counter()
-        hf.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        sync(device)
-        return time.perf_counter() - started
+        return timed_generate(hf, ids, new)[0]
 
     with torch.inference_mode():
         timed(2)  # warm-up

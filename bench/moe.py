@@ -124,24 +124,11 @@ def ours_rate(loaded, n: int) -> tuple[float, list[int]]:
 
 def transformers_rate(model, n: int) -> tuple[float, list[int]]:
     """transformers `generate` decode tokens/s: (time of n+1 new tokens - time of 1) / n."""
+    from ruyiflow.bench.gpu_figures import timed_generate
+
     ids = torch.tensor([PROMPT])
-    mask = torch.ones_like(ids)
-
-    def timed(new: int) -> tuple[float, list[int]]:
-        started = time.perf_counter()
-        out = model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        return time.perf_counter() - started, out[0, len(PROMPT) :].tolist()
-
-    t_full, tokens = timed(n + 1)
-    t_one, _ = timed(1)
+    t_full, tokens = timed_generate(model, ids, n + 1)
+    t_one, _ = timed_generate(model, ids, 1)
     return n / (t_full - t_one), tokens
 
 
