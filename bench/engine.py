@@ -7,12 +7,17 @@ The table and the JSON name the CPU GEMV path that ran (`kernels.cpu_gemv.active
 costs in the paged KV pool (K/V of every layer run plus the exits' boundary states) and the pool's
 occupancy at 8 and 64 concurrent sequences: pages held as a share of the pool, and the share of
 the held pages' bytes that hold positions (the rest is the unfilled tail of each sequence's last
-page per slot). `--device cuda` runs both sides on a CUDA device (`bench gpu` is the full check)."""
+page per slot). On the CPU, decode attention through the C paged kernel (`kernels.cpu_attention`) is
+compared with attention per sequence over block views, the two alternating step by step in one
+engine (median step; the machine's noise moves both alike). `--device cuda` runs both sides on a
+CUDA device (`bench gpu` is the full check)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import time
 
 import torch
@@ -20,7 +25,7 @@ import torch
 from ruyiflow.engine.checkpoint import load_model
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.sampling import SamplingParams
-from ruyiflow.kernels import cpu_gemv
+from ruyiflow.kernels import cpu_attention, cpu_gemv
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 1690, 17, 45]
 
@@ -75,6 +80,34 @@ def decode_rate(
         pages.append(most)
     assert not any(i in engine.sequences for i in ids)
     return count / elapsed
+
+
+def attention_rates(
+    loaded, exit_layer: int, batch: int, n: int, prompt: list[int] = PROMPT
+) -> tuple[float, float]:
+    """Aggregate decode tokens/s of `batch` streams with the C paged attention and with attention
+    per sequence (`RUYIFLOW_CPU_ATTENTION=off`), alternating step by step in one engine: from
+    each side's median step."""
+    engine = Engine(loaded, max_batch=batch)
+    for i in range(batch):
+        params = SamplingParams(max_tokens=n + 1, ignore_eos=True)
+        engine.add_request([*prompt, i], params, exit_layer)
+    engine.step()  # prefill + first token
+    times: dict[str, list[float]] = {"auto": [], "off": []}
+    saved = os.environ.get(cpu_attention.ENV_SWITCH)
+    try:
+        while engine.has_work():
+            side = ("auto", "off")[len(times["auto"]) > len(times["off"])]
+            os.environ[cpu_attention.ENV_SWITCH] = side
+            t = time.perf_counter()
+            engine.step()
+            times[side].append(time.perf_counter() - t)
+    finally:
+        if saved is None:
+            os.environ.pop(cpu_attention.ENV_SWITCH, None)
+        else:
+            os.environ[cpu_attention.ENV_SWITCH] = saved
+    return batch / statistics.median(times["auto"]), batch / statistics.median(times["off"])
 
 
 def transformers_rate(loaded, n: int) -> float:
@@ -192,6 +225,17 @@ def run(args: argparse.Namespace) -> int:
     rows.append(("batch-8 aggregate f32 (tok/s)", batch8, "single stream f32", ours))
     batch64 = decode_rate(Engine(f32, max_batch=64), n, last, batch=64, pages=held)
     rows.append(("batch-64 aggregate f32 (tok/s)", batch64, "single stream f32", ours))
+    if f32.model.device.type == "cpu" and cpu_attention.is_available():
+        for batch in (8, 32):
+            c_rate, items_rate = attention_rates(f32, last, batch, n)
+            rows.append(
+                (
+                    f"batch-{batch} f32, C paged attention",
+                    c_rate,
+                    "attention per sequence, alternate steps",
+                    items_rate,
+                )
+            )
     pool = pool_figures(f32, last, len(PROMPT) + 1 + n, dict(zip((8, 64), held, strict=True)))
     for e in f32.config.exits[:-1]:
         rate = decode_rate(Engine(f32), n, e)

@@ -363,3 +363,6 @@ int ruyiflow_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bia
 
 /* The instruction set this build was compiled for: "avx512", "avx2" or "plain". */
 const char *ruyiflow_gemv_path(void) { return PATH; }
+
+/* Paged decode attention, in the same library and build (see that file). */
+#include "cpu_paged_attention.c"

@@ -59,6 +59,7 @@ INCLUDED = (
     SOURCE.with_name("cpu_gemv_avx512.c"),
     SOURCE.with_name("cpu_gemv_avx2.c"),
     SOURCE.with_name("cpu_gemv_plain.c"),
+    SOURCE.with_name("cpu_paged_attention.c"),  # decode attention, same library (cpu_attention)
 )
 CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "RUYIFLOW_CPU_GEMV"
@@ -101,12 +102,18 @@ _threads = max(1, int(os.environ.get("RUYIFLOW_GEMV_THREADS", "1") or 1))
 # never retried until `reset()`).
 _kernels: dict[torch.dtype, ctypes._CFuncPtr] | None = None
 _active = "off"
+_attention: ctypes._CFuncPtr | None = None  # the library's paged attention, once loaded
 
 
 def set_threads(num_threads: int) -> None:
     """OpenMP threads per GEMV call (see the module docstring for why the default is 1)."""
     global _threads
     _threads = max(1, int(num_threads))
+
+
+def thread_count() -> int:
+    """OpenMP threads per call (GEMV and the decode attention of `kernels.cpu_attention`)."""
+    return _threads
 
 
 def cpu_flags() -> frozenset[str]:
@@ -207,9 +214,9 @@ def is_available() -> bool:
 
 def reset() -> None:
     """Forget the loaded kernel: the next call re-reads `RUYIFLOW_CPU_GEMV` and reloads (tests)."""
-    global _kernels, _active
+    global _kernels, _active, _attention
     with _lock:
-        _kernels, _active = None, "off"
+        _kernels, _active, _attention = None, "off", None
 
 
 def cpu_linear(
@@ -291,7 +298,15 @@ def _load_auto() -> tuple[str, dict[torch.dtype, ctypes._CFuncPtr]]:
         return "off", {}
 
 
+def attention_kernel() -> ctypes._CFuncPtr | None:
+    """The library's `ruyiflow_paged_attention` (kernels.cpu_attention), or None when `off`."""
+    if _kernels is None:
+        _load()
+    return _attention
+
+
 def _load_library(build_: Build) -> dict[torch.dtype, ctypes._CFuncPtr]:
+    global _attention
     path = build(build_)
     lib = ctypes.CDLL(str(path))
     lib.ruyiflow_gemv_path.restype = ctypes.c_char_p
@@ -301,4 +316,8 @@ def _load_library(build_: Build) -> dict[torch.dtype, ctypes._CFuncPtr]:
     f32, bf16 = lib.ruyiflow_gemv_f32, lib.ruyiflow_gemv_bf16
     for fn in (f32, bf16):
         fn.argtypes, fn.restype = _ARGTYPES, _INT
+    attention = lib.ruyiflow_paged_attention
+    attention.argtypes = [_INT, *[_PTR] * 11, ctypes.c_float, _INT]
+    attention.restype = _INT
+    _attention = attention
     return {torch.float32: f32, torch.bfloat16: bf16}

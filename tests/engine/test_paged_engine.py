@@ -7,13 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ruyiflow.engine.attention import Segment
 from ruyiflow.engine.checkpoint import load_model
 from ruyiflow.engine.engine import Engine
 from ruyiflow.engine.errors import Overloaded
 from ruyiflow.engine.kv_pool import CacheConfig
+from ruyiflow.engine.kv_step import CpuDecodeStep, ListStep, make_step
 from ruyiflow.engine.model import Work
 from ruyiflow.engine.sampling import SamplingParams
 from ruyiflow.engine.torch_runner import TorchRunner
+from ruyiflow.kernels import cpu_attention
 from tests import tiny
 
 EXITS = [1, 2, 4]
@@ -238,3 +241,47 @@ def test_wire_format_is_the_contiguous_caches(ruyi, exit_layer: int) -> None:
         want = contiguous.tensors[name]
         assert (raw.dtype, raw.shape) == (want.dtype, want.shape), name
         torch.testing.assert_close(from_raw(raw), from_raw(want), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_decode_steps_attend_through_the_c_kernel(ruyi, monkeypatch) -> None:
+    """An all-decode step on a CPU pool takes `CpuDecodeStep` (the C paged attention, which the
+    other tests here check against the contiguous cache); a step with a prefill, or the switch
+    off, takes the per-item block views."""
+    if not cpu_attention.is_available():
+        pytest.skip("the CPU kernel library is not available here (no gcc, or switched off)")
+    pool = TorchRunner(ruyi, CacheConfig(4, 1 << 22)).pool
+    caches = [pool.new_cache() for _ in range(2)]
+    ruyi.model.forward([Work(c, [5, 6, 7], 0, 4) for c in caches])
+    decode = [Work(c, [8], 3, 4) for c in caches]
+    for c in caches:
+        c.reserve(4, 4)
+    one_row = [Segment(i, 1, 3) for i in range(2)]
+    assert type(make_step(decode, one_row)) is CpuDecodeStep
+    mixed = [Segment(0, 1, 3), Segment(1, 2, 3)]
+    assert type(make_step(decode, mixed)) is ListStep
+    monkeypatch.setenv(cpu_attention.ENV_SWITCH, "off")
+    assert type(make_step(decode, one_row)) is ListStep
+    for c in caches:
+        c.release()
+
+
+def test_bench_alternates_the_attention_paths_and_restores_the_switch(ruyi, monkeypatch) -> None:
+    """`bench engine`'s attention figure: both paths run, alternately, on the same engine."""
+    if not cpu_attention.is_available():
+        pytest.skip("the CPU kernel library is not available here (no gcc, or switched off)")
+    from ruyiflow.bench import engine as bench_engine
+    from ruyiflow.engine import model as model_module
+
+    taken = []
+
+    def spy(works, segments):
+        step = make_step(works, segments)
+        taken.append(type(step).__name__)
+        return step
+
+    monkeypatch.setattr(model_module, "make_step", spy)
+    monkeypatch.setenv(cpu_attention.ENV_SWITCH, "auto")
+    c_rate, items_rate = bench_engine.attention_rates(ruyi, 4, batch=3, n=6, prompt=PROMPTS[0])
+    assert c_rate > 0 and items_rate > 0
+    assert taken == ["ListStep", *["CpuDecodeStep", "ListStep"] * 3]  # prefill, then alternate
+    assert cpu_attention.is_available()  # the switch is back to what it was

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from ruyiflow.kernels import cpu_gemv
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -28,6 +31,35 @@ def triton_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route the public `kernels.*` functions to Triton (the interpreter, here)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("RUYIFLOW_KERNELS", "triton")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh cache directory for this module's builds of the CPU library (GEMV, attention)."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed: the C CPU kernels cannot be built")
+    directory = tmp_path_factory.mktemp("kernels")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RUYIFLOW_CACHE", str(directory))
+        yield directory
+    cpu_gemv.reset()
+
+
+@pytest.fixture(params=cpu_gemv.PATHS)
+def path(
+    request: pytest.FixtureRequest, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """The CPU library forced onto one path (skipped where the CPU lacks it)."""
+    try:
+        cpu_gemv.build_for(request.param)
+    except cpu_gemv.UnsupportedPath as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv(cpu_gemv.ENV_SWITCH, request.param)
+    cpu_gemv.reset()
+    assert cpu_gemv.active_path() == request.param
+    yield request.param
+    monkeypatch.undo()
+    cpu_gemv.reset()
 
 
 _COMPILE_SCRIPT = """

@@ -11,7 +11,6 @@ product's rounding error is proportional to.
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,35 +29,6 @@ SHAPES = [(1, 17), (3, 100), (64, 576), (96, 1536), (40, 5000), (49157, 48)]
 # Every block shape of both SIMD paths: 3 and 9 rows split into unequal x blocks.
 ROWS = [1, 2, 3, 5, 8, 9, 16]
 AVX2_ONLY = frozenset({"avx", "avx2", "fma", "f16c", "sse4_2"})
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh cache directory for this module's builds."""
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed: the C GEMV kernel cannot be built")
-    directory = tmp_path_factory.mktemp("kernels")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RUYIFLOW_CACHE", str(directory))
-        yield directory
-    cpu_gemv.reset()
-
-
-@pytest.fixture(params=cpu_gemv.PATHS)
-def path(
-    request: pytest.FixtureRequest, cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[str]:
-    """`cpu_linear` forced onto one kernel path (skipped where the CPU lacks it)."""
-    try:
-        cpu_gemv.build_for(request.param)
-    except UnsupportedPath as e:
-        pytest.skip(str(e))
-    monkeypatch.setenv(cpu_gemv.ENV_SWITCH, request.param)
-    cpu_gemv.reset()
-    assert cpu_gemv.active_path() == request.param
-    yield request.param
-    monkeypatch.undo()
-    cpu_gemv.reset()
 
 
 @pytest.fixture
