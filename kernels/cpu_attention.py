@@ -19,6 +19,7 @@ import os
 import torch
 
 from ruyiflow.kernels import cpu_gemv
+from ruyiflow.kernels.paged_attention import check_paged_inputs
 
 ENV_SWITCH = "RUYIFLOW_CPU_ATTENTION"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -110,29 +111,11 @@ def _check(
     tensors = (q, k_pages, v_pages, table, rows, lengths, k_new, v_new)
     if any(t is not None and not t.is_cpu for t in tensors):
         raise ValueError("cpu_paged_attention: every tensor must be on the CPU")
-    if q.dim() != 3 or k_pages.dim() != 4:
-        raise ValueError(
-            f"cpu_paged_attention: q must be [B, H, D] and pages [NP, KVH, PAGE, D], got "
-            f"{tuple(q.shape)} and {tuple(k_pages.shape)}"
-        )
-    batch, num_heads, head_dim = q.shape
+    check_paged_inputs("cpu_paged_attention", DTYPES, q, k_pages, v_pages, table)
+    batch, _, head_dim = q.shape
     num_kv = k_pages.shape[1]
-    if v_pages.shape != k_pages.shape or v_pages.stride() != k_pages.stride():
-        raise ValueError("cpu_paged_attention: k and v pages must have one shape and one stride")
-    if k_pages.shape[3] != head_dim or num_heads % num_kv:
-        raise ValueError(
-            f"cpu_paged_attention: {num_heads} query heads of {head_dim} over {num_kv} KV heads "
-            f"of {k_pages.shape[3]}: heads must be a multiple of KV heads, dims equal"
-        )
-    if q.dtype not in DTYPES or k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
-        raise ValueError(
-            f"cpu_paged_attention: q and pages must share float32 or bfloat16, got {q.dtype}, "
-            f"{k_pages.dtype}, {v_pages.dtype}"
-        )
-    if q.stride(2) != 1 or k_pages.stride(3) != 1:
-        raise ValueError("cpu_paged_attention: q and pages need unit stride along the head dim")
-    if table.dim() != 2 or table.dtype != torch.int32 or table.stride(1) != 1:
-        raise ValueError("cpu_paged_attention: table must be [rows, pages] int32, unit stride")
+    if table.stride(1) != 1:
+        raise ValueError("cpu_paged_attention: table needs unit stride along its pages")
     for name, t in (("rows", rows), ("lengths", lengths)):
         if t.shape != (batch,) or t.dtype != torch.int32 or not t.is_contiguous():
             raise ValueError(f"cpu_paged_attention: {name} must be [{batch}] contiguous int32")

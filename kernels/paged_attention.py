@@ -163,36 +163,52 @@ def _check(
     rows: torch.Tensor,
     lengths: torch.Tensor,
 ) -> None:
-    if q.dim() != 3 or k_pages.dim() != 4:
-        raise ValueError(
-            f"paged_attention: q must be [B, H, D] and pages [NP, KVH, PAGE, D], got "
-            f"{tuple(q.shape)} and {tuple(k_pages.shape)}"
-        )
-    batch, num_heads, head_dim = q.shape
-    _, num_kv, page, page_dim = k_pages.shape
-    if v_pages.shape != k_pages.shape or v_pages.stride() != k_pages.stride():
-        raise ValueError("paged_attention: k and v pages must have one shape and one stride")
-    if page_dim != head_dim or num_heads % num_kv:
-        raise ValueError(
-            f"paged_attention: {num_heads} query heads of {head_dim} over {num_kv} KV heads of "
-            f"{page_dim}: heads must be a multiple of KV heads, dims equal"
-        )
+    check_paged_inputs("paged_attention", FLOAT_DTYPES, q, k_pages, v_pages, table)
+    batch, page = q.shape[0], k_pages.shape[2]
     if page < MIN_DOT or page & (page - 1):
         raise ValueError(f"paged_attention: page size {page} must be a power of 2 >= {MIN_DOT}")
-    if q.dtype not in FLOAT_DTYPES or k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
-        raise ValueError(
-            f"paged_attention: q and pages must share a float dtype, got {q.dtype}, "
-            f"{k_pages.dtype}, {v_pages.dtype}"
-        )
-    if q.stride(2) != 1 or k_pages.stride(3) != 1:
-        raise ValueError("paged_attention: q and pages need unit stride along the head dim")
-    if table.dim() != 2 or table.dtype != torch.int32:
-        raise ValueError(f"paged_attention: table must be [rows, pages] int32, got {table.dtype}")
     if rows.shape != (batch,) or lengths.shape != (batch,):
         raise ValueError(f"paged_attention: rows and lengths must be [{batch}]")
     if rows.dtype not in (torch.int32, torch.int64) or lengths.dtype != torch.int32:
         raise ValueError("paged_attention: rows must be int32/int64 and lengths int32")
     check_launchable("paged_attention", q, k_pages, v_pages, table, rows, lengths)
+
+
+def check_paged_inputs(
+    name: str,
+    dtypes: tuple[torch.dtype, ...],
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    table: torch.Tensor,
+) -> None:
+    """The contract every paged GQA decode kernel shares (this one and `kernels.cpu_attention`):
+    q [B, H, D] and pages [NP, KVH, PAGE, D] of one dtype from `dtypes`, unit stride along D, k
+    and v pages of one shape and stride, H a multiple of KVH, table [R, W] int32."""
+    if q.dim() != 3 or k_pages.dim() != 4:
+        raise ValueError(
+            f"{name}: q must be [B, H, D] and pages [NP, KVH, PAGE, D], got "
+            f"{tuple(q.shape)} and {tuple(k_pages.shape)}"
+        )
+    num_heads, head_dim = q.shape[1:]
+    num_kv, page_dim = k_pages.shape[1], k_pages.shape[3]
+    if v_pages.shape != k_pages.shape or v_pages.stride() != k_pages.stride():
+        raise ValueError(f"{name}: k and v pages must have one shape and one stride")
+    if page_dim != head_dim or num_heads % num_kv:
+        raise ValueError(
+            f"{name}: {num_heads} query heads of {head_dim} over {num_kv} KV heads of "
+            f"{page_dim}: heads must be a multiple of KV heads, dims equal"
+        )
+    if q.dtype not in dtypes or k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(
+            f"{name}: q and pages must share one dtype ({names}), got {q.dtype}, "
+            f"{k_pages.dtype}, {v_pages.dtype}"
+        )
+    if q.stride(2) != 1 or k_pages.stride(3) != 1:
+        raise ValueError(f"{name}: q and pages need unit stride along the head dim")
+    if table.dim() != 2 or table.dtype != torch.int32:
+        raise ValueError(f"{name}: table must be [rows, pages] int32, got {table.dtype}")
 
 
 def gather_pages(

@@ -111,7 +111,7 @@ def test_launchers_check_their_inputs(triton_path) -> None:
     rows, lens = torch.arange(2), torch.tensor([3, 4], dtype=torch.int32)
     with pytest.raises(ValueError, match="page size 8"):
         paged_attention(q, k[:, :, :8], v[:, :, :8], table, rows, lens, 1.0)
-    with pytest.raises(ValueError, match="share a float dtype"):
+    with pytest.raises(ValueError, match="share one dtype"):
         paged_attention(q.half(), k, v, table, rows, lens, 1.0)
     with pytest.raises(ValueError, match="int32"):
         paged_attention(q, k, v, table.long(), rows, lens, 1.0)
