@@ -8,14 +8,19 @@
  * sequence b's page of position p is table[rows[b] * table_stride + p / PAGE]. When k_new/v_new
  * are given, each sequence's new K/V row [KVH, D] is first stored at its position len_b - 1.
  *
- * Work is one (sequence, KV head) at a time: each K row is loaded once for the GROUP query heads
- * that share it, scores go to a per-thread buffer, one max and one sum of exp per head, then each
- * V row is loaded once and added into GROUP float32 accumulators. Dots run in LANES independent
- * float32 lanes summed by one fixed tree (no reassociation, so gcc vectorises them without
- * -ffast-math), positions in order: a row's result depends only on its own values, never on the
- * batch, the thread count or the addresses, so a sequence decoded alone equals the same sequence
- * in a batch, bit for bit. The SIMD builds contract a*b+c into FMA and the plain build does not,
- * so paths round differently in the last bits.
+ * Work is one (sequence, KV head) at a time: scores of each query head of the group go to a
+ * per-thread buffer, then one max and one sum of exp per head, then each V row is loaded once and
+ * added into GROUP float32 accumulators (vectorised along D). Head dims are short (64-128), so a
+ * score's dot product is a few vector steps and summing its lanes would cost as much again: the
+ * SIMD builds take the GEMV's primitives (cpu_gemv_avx512.c / _avx2.c) and compute MAX_ACC
+ * positions at once, one accumulator each, their lanes summed together by the GEMV's
+ * reduce_lanes tree. The plain build sums ATT_LANES lanes per score by a fixed tree.
+ *
+ * exp is a polynomial over a range reduction (att_exp, within 2 ulp of expf), so gcc vectorises
+ * the softmax. Every score, sum and output element has one order of operations that depends on
+ * (D, length) only: a sequence decoded alone equals the same sequence in a batch, bit for bit,
+ * whatever the thread count or the addresses. The avx2 and avx512 builds sum in the same order and
+ * agree bit for bit (as the GEMV does); plain (no FMA) rounds differently in the last bits.
  */
 #include <math.h>
 
@@ -63,19 +68,108 @@ static inline __attribute__((always_inline)) float att_dot(const float *q, const
     return att_sum_lanes(s);
 }
 
-/* Per-thread scratch: GROUP query rows, GROUP accumulators (float32 [GROUP, D]) and GROUP rows
- * of scores (float32 [GROUP, len]). Grown, never shrunk; NULL when out of memory. */
+/* Per-thread scratch, 64-byte aligned: GROUP packed query rows, GROUP accumulators (float32
+ * [GROUP, D]) and GROUP rows of scores (float32 [GROUP, len]). Grown (contents not kept), never
+ * shrunk; NULL when out of memory. */
 static float *att_scratch(size_t floats) {
     static __thread float *buf = NULL;
     static __thread size_t cap = 0;
     if (floats > cap) {
-        float *grown = realloc(buf, floats * sizeof(float));
-        if (grown == NULL) return NULL;
+        void *grown = NULL;
+        if (posix_memalign(&grown, 64, floats * sizeof(float))) return NULL;
+        free(buf);
         buf = grown;
         cap = floats;
     }
     return buf;
 }
+
+/* e^x for x <= 0 (a softmax argument): x = n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor
+ * polynomial (relative error < 2e-7 there), times 2^n built in the exponent bits. Below -87 the
+ * result is flushed to 0 (e^-87 is 1.6e-38, at the edge of the normal floats). Plain arithmetic
+ * and bit operations only, so gcc vectorises the loops that call it. */
+static inline float att_exp(float x) {
+    if (x < -87.0f) x = -87.0f;
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    float n = (x * 1.44269504088896341f + shifter) - shifter;
+    float r = x - n * 0.693145751953125f; /* ln2 in two parts: this one exact in n * it */
+    r = r - n * 1.428606765330187e-06f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return x <= -87.0f ? 0.0f : p * scale;
+}
+
+/* max and sum of s[0..n) in ATT_LANES lanes (lane l takes p = l mod ATT_LANES, in order), then
+ * one fixed tree: vectorised, and one order for a given n. */
+static inline float att_max(const float *s, int n) {
+    float m[ATT_LANES];
+    for (int l = 0; l < ATT_LANES; l++) m[l] = s[0];
+    int p = 0;
+    for (; p + ATT_LANES <= n; p += ATT_LANES)
+        for (int l = 0; l < ATT_LANES; l++) m[l] = s[p + l] > m[l] ? s[p + l] : m[l];
+    for (int l = 0; p + l < n; l++) m[l] = s[p + l] > m[l] ? s[p + l] : m[l];
+    float best = m[0];
+    for (int l = 1; l < ATT_LANES; l++) best = m[l] > best ? m[l] : best;
+    return best;
+}
+
+static inline float att_sum(const float *s, int n) {
+    float a[ATT_LANES] = {0};
+    int p = 0;
+    for (; p + ATT_LANES <= n; p += ATT_LANES)
+        for (int l = 0; l < ATT_LANES; l++) a[l] += s[p + l];
+    for (int l = 0; p + l < n; l++) a[l] += s[p + l];
+    return att_sum_lanes(a);
+}
+
+#ifdef ACC_FLOATS
+/* Scores of MAX_ACC consecutive rows of one K page (the first n real; the others repeat row 0
+ * and are dropped) against one packed query: out[t] = q . k[t], each by the GEMV's lane order
+ * and reduce_lanes tree, so a score does not depend on its neighbours. */
+#define DEF_ATT_TILE(DT, ELEM)                                                                    \
+    static inline __attribute__((always_inline)) void att_tile_##DT(                              \
+        const char *qp, const char *k, int64_t row_bytes, int n, int D, float *out) {             \
+        vacc acc[MAX_ACC];                                                                        \
+        const char *rows[MAX_ACC];                                                                \
+        for (int t = 0; t < MAX_ACC; t++) {                                                       \
+            acc[t] = acc_zero();                                                                  \
+            rows[t] = k + (t < n ? t : 0) * row_bytes;                                            \
+        }                                                                                         \
+        int i = 0, step = 0;                                                                      \
+        for (; i + VEC_##DT <= D; i += VEC_##DT, step++) {                                        \
+            xvec_##DT x = load_x_##DT(qp + step * XBYTES_##DT);                                   \
+            for (int t = 0; t < MAX_ACC; t++)                                                     \
+                acc[t] = step_##DT(acc[t], load_w_##DT(rows[t] + i * ELEM), x);                   \
+        }                                                                                         \
+        if (i < D) {                                                                              \
+            xvec_##DT x = load_x_##DT(qp + step * XBYTES_##DT);                                   \
+            for (int t = 0; t < MAX_ACC; t++)                                                     \
+                acc[t] = step_##DT(acc[t], tail_w_##DT(rows[t] + i * ELEM, D - i), x);            \
+        }                                                                                         \
+        reduce_lanes(acc, out);                                                                   \
+    }
+DEF_ATT_TILE(f32, 4)
+DEF_ATT_TILE(bf16, 2)
+
+/* Bytes of one packed query row (the GEMV's packed-x layout, whole vectors). */
+static inline int64_t att_qbytes(int D, int bf16) {
+    return bf16 ? (int64_t)((D + VEC_bf16 - 1) / VEC_bf16) * XBYTES_bf16
+                : (int64_t)((D + VEC_f32 - 1) / VEC_f32) * XBYTES_f32;
+}
+#else
+static inline int64_t att_qbytes(int D, int bf16) {
+    (void)bf16;
+    return (int64_t)D * 4;
+}
+#endif
 
 static inline int64_t att_page(const struct attn *a, int b, int pos) {
     return a->table[(int64_t)a->rows[b] * a->table_stride + pos / a->PAGE];
@@ -95,33 +189,62 @@ static inline __attribute__((always_inline)) int att_one(const struct attn *a, i
         memcpy((char *)a->k + at * elem, (const char *)a->k_new + kn * elem, D * elem);
         memcpy((char *)a->v + at * elem, (const char *)a->v_new + vn * elem, D * elem);
     }
-    float *q = att_scratch((size_t)G * (2 * (size_t)D + (size_t)len));
-    if (q == NULL) return -1;
-    float *acc = q + (size_t)G * D, *scores = acc + (size_t)G * D; /* [G, D], [G, D], [G, len] */
+    const int64_t qbytes = att_qbytes(D, bf16), elem = bf16 ? 2 : 4;
+    const size_t qfloats = (size_t)G * (size_t)(qbytes / 4), sfloats = (size_t)G * (size_t)len;
+    char *qp = (char *)att_scratch(qfloats + (size_t)G * D + sfloats + (size_t)G);
+    if (qp == NULL) return -1;
+    float *acc = (float *)qp + qfloats, *scores = acc + (size_t)G * D; /* [G, D], [G, len] */
+    float *inv = scores + sfloats;                                      /* [G]: 1 / sum per head */
     for (int g = 0; g < G; g++) {
         int64_t qo = (int64_t)b * a->q_sb + (int64_t)(kvh * G + g) * a->q_sh;
-        for (int d = 0; d < D; d++) q[g * D + d] = att_load(a->q, qo + d, bf16);
+        const char *src = (const char *)a->q + qo * elem;
+        char *dst = qp + g * qbytes;
+#ifdef ACC_FLOATS
+        int vec = bf16 ? VEC_bf16 : VEC_f32, xbytes = bf16 ? XBYTES_bf16 : XBYTES_f32;
+        for (int i = 0, j = 0; i < D; i += vec, j++) {
+            int n = D - i < vec ? D - i : vec;
+            if (bf16)
+                pack_x_bf16(dst + j * xbytes, src + i * elem, n);
+            else
+                pack_x_f32(dst + j * xbytes, src + i * elem, n);
+        }
+#else
+        for (int d = 0; d < D; d++) ((float *)dst)[d] = att_load(src, d, bf16);
+#endif
     }
     for (int start = 0; start < len; start += a->PAGE) {
         int64_t base = att_page(a, b, start) * a->sp + head;
         int n = len - start < a->PAGE ? len - start : a->PAGE;
-        for (int t = 0; t < n; t++) {
-            int64_t row = base + (int64_t)t * a->st;
-            const void *k = bf16 ? (const void *)((const uint16_t *)a->k + row)
-                                 : (const void *)((const float *)a->k + row);
-            for (int g = 0; g < G; g++)
-                scores[(size_t)g * len + start + t] = att_dot(q + g * D, k, D, bf16) * a->scale;
+        const char *k = (const char *)a->k + base * elem;
+#ifdef ACC_FLOATS
+        for (int t0 = 0; t0 < n; t0 += MAX_ACC) {
+            int m = n - t0 < MAX_ACC ? n - t0 : MAX_ACC;
+            const char *rows = k + (int64_t)t0 * a->st * elem;
+            for (int g = 0; g < G; g++) {
+                float tile[MAX_ACC];
+                if (bf16)
+                    att_tile_bf16(qp + g * qbytes, rows, a->st * elem, m, D, tile);
+                else
+                    att_tile_f32(qp + g * qbytes, rows, a->st * elem, m, D, tile);
+                float *s = scores + (size_t)g * len + start + t0;
+                for (int t = 0; t < m; t++) s[t] = tile[t] * a->scale;
+            }
         }
+#else
+        for (int t = 0; t < n; t++) {
+            const char *row = k + (int64_t)t * a->st * elem;
+            for (int g = 0; g < G; g++)
+                scores[(size_t)g * len + start + t] =
+                    att_dot((const float *)qp + g * D, row, D, bf16) * a->scale;
+        }
+#endif
     }
     for (int g = 0; g < G; g++) { /* scores -> unnormalised probabilities; acc <- 0 */
-        float *s = scores + (size_t)g * len, m = s[0], sum = 0.0f;
-        for (int p = 1; p < len; p++) m = s[p] > m ? s[p] : m;
-        for (int p = 0; p < len; p++) {
-            s[p] = expf(s[p] - m);
-            sum += s[p];
-        }
+        float *s = scores + (size_t)g * len, m = att_max(s, len);
+        for (int p = 0; p < len; p++) s[p] = att_exp(s[p] - m);
+        float sum = att_sum(s, len);
         for (int d = 0; d < D; d++) acc[g * D + d] = 0.0f;
-        q[g] = 1.0f / sum; /* q is no longer needed: it keeps each head's 1 / sum */
+        inv[g] = 1.0f / sum;
     }
     for (int start = 0; start < len; start += a->PAGE) {
         int64_t base = att_page(a, b, start) * a->sp + head;
@@ -136,7 +259,7 @@ static inline __attribute__((always_inline)) int att_one(const struct attn *a, i
     }
     for (int g = 0; g < G; g++) {
         int64_t oo = ((int64_t)b * a->H + kvh * G + g) * D;
-        for (int d = 0; d < D; d++) att_store(a->out, oo + d, acc[g * D + d] * q[g], bf16);
+        for (int d = 0; d < D; d++) att_store(a->out, oo + d, acc[g * D + d] * inv[g], bf16);
     }
     return 0;
 }

@@ -178,3 +178,13 @@ def test_switches(cache, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="not loaded"):
         run(p)
     cpu_gemv.reset()
+
+
+@pytest.mark.parametrize("spread", [30.0, 1000.0])
+def test_peaked_softmax_matches_the_reference(path, spread) -> None:
+    """Scores hundreds apart: the kernel's exp flushes below e^-87 to zero, as float32 exp does
+    in effect (the terms vanish beside the largest)."""
+    p = problem(GEOMETRIES[0], torch.float32, LENGTHS, seed=5)
+    p["q"] = p["q"] * spread
+    expected, _ = reference(p)
+    torch.testing.assert_close(run(p), expected, atol=1e-5, rtol=1e-5)
