@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -90,6 +90,41 @@ class FakeNode(pb_grpc.NodeServicer):
         context: grpc.ServicerContext,
         has_escalated: bool,
     ) -> Iterator[pb.Chunk]:
+        """The token stream; a caller that goes away before the last chunk is counted once in
+        `num_cancelled`, whether the stream notices it between tokens or grpc stops pulling
+        while a chunk is being sent (the generator is then never resumed, and the RPC's
+        termination callback counts it)."""
+        ended, counted = [], []
+
+        def cancelled() -> None:
+            with self._lock:
+                if not counted:
+                    counted.append(True)
+                    self.num_cancelled += 1
+
+        def on_termination() -> None:
+            if not ended:  # the stream neither finished, returned nor aborted: its caller left
+                cancelled()
+
+        if not context.add_callback(on_termination):
+            on_termination()  # the RPC had already ended
+        try:
+            for chunk in self._tokens(request, generated, exit_, context, has_escalated, cancelled):
+                if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    ended.append(True)  # the last chunk: a caller closing now is not cancelling
+                yield chunk
+        finally:
+            ended.append(True)
+
+    def _tokens(
+        self,
+        request: pb.GenerateRequest,
+        generated: list[int],
+        exit_: int,
+        context: grpc.ServicerContext,
+        has_escalated: bool,
+        cancelled: Callable[[], None],
+    ) -> Iterator[pb.Chunk]:
         behaviour = self.behaviour
         max_tokens = request.sampling.max_tokens or 8
         escalation = request.escalation
@@ -124,8 +159,7 @@ class FakeNode(pb_grpc.NodeServicer):
                     time.sleep(0.05)
             time.sleep(behaviour.token_delay_s)
             if not context.is_active():
-                with self._lock:
-                    self.num_cancelled += 1
+                cancelled()
                 return
             token = token_id(offset)
             yield pb.Chunk(
