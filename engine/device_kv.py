@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ruyiflow.engine.attention import causal_mask
+from ruyiflow.engine.kv_step import SlotSteps
 from ruyiflow.kernels.paged_attention import paged_attention
 from ruyiflow.kernels.paged_mla import paged_mla
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from ruyiflow.engine.kv_pool import KVPool
 
 
-class DeviceStep:
+class DeviceStep(SlotSteps):
     def __init__(
         self,
         pool: KVPool,
@@ -64,14 +65,8 @@ class DeviceStep:
         )
 
     # -- what a layer asks for (the interface of `kv_step.ListStep`) ---------------------------
-    def trunk(self, layer: int, count: int) -> DeviceKV:
-        return DeviceKV(self, layer, 0, count)
-
-    def branch(self, exit_layer: int, lo: int, hi: int) -> DeviceKV:
-        return DeviceKV(self, self.layout.branch_slot(exit_layer), lo, hi)
-
-    def layer(self, index: int) -> DeviceKV:
-        return DeviceKV(self, index, 0, len(self.segments))
+    def kv(self, slot: int, lo: int, hi: int) -> DeviceKV:  # trunk, branch, layer: SlotSteps
+        return DeviceKV(self, slot, lo, hi)
 
     def latent(self, index: int) -> DeviceLatentKV:
         return DeviceLatentKV(self, index, 0, len(self.segments))

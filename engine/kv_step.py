@@ -65,7 +65,28 @@ class ListStep:
             cache.write_boundary(exit_layer, s.start, h[s.row : s.row + s.num_rows])
 
 
-class CpuDecodeStep(ListStep):
+class SlotSteps:
+    """`trunk`, `branch` and `layer` of a step whose layers find their KV in the pool by slot
+    (`DeviceStep`, `CpuDecodeStep`): each is `kv(slot, lo, hi)`, the KV of that slot for items
+    lo..hi-1."""
+
+    pool: Any
+    segments: list[Segment]
+
+    def kv(self, slot: int, lo: int, hi: int) -> Any:
+        raise NotImplementedError
+
+    def trunk(self, layer: int, count: int) -> Any:
+        return self.kv(layer, 0, count)
+
+    def branch(self, exit_layer: int, lo: int, hi: int) -> Any:
+        return self.kv(self.pool.layout.branch_slot(exit_layer), lo, hi)
+
+    def layer(self, index: int) -> Any:
+        return self.kv(index, 0, len(self.segments))
+
+
+class CpuDecodeStep(SlotSteps, ListStep):
     """A CPU step where every item decodes one row: its GQA layers attend through the C kernel
     over the pool's pages, found by the runner's block table (`engine.device_tables`, rows
     rewritten only when a sequence's pages change); boundary states as `ListStep`."""
@@ -78,14 +99,8 @@ class CpuDecodeStep(ListStep):
         self.table = tables.table  # [R, S, W] int32, read after the sync (which may grow it)
         self.lengths = torch.tensor([s.start + 1 for s in segments], dtype=torch.int32)
 
-    def trunk(self, layer: int, count: int) -> PagedDecodeKV:
-        return PagedDecodeKV(self, layer, 0, count)
-
-    def branch(self, exit_layer: int, lo: int, hi: int) -> PagedDecodeKV:
-        return PagedDecodeKV(self, self.pool.layout.branch_slot(exit_layer), lo, hi)
-
-    def layer(self, index: int) -> PagedDecodeKV:
-        return PagedDecodeKV(self, index, 0, len(self.segments))
+    def kv(self, slot: int, lo: int, hi: int) -> PagedDecodeKV:
+        return PagedDecodeKV(self, slot, lo, hi)
 
 
 class PagedDecodeKV:
