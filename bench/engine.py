@@ -56,18 +56,23 @@ def weight_bytes(model, exit_layer: int) -> int:
     return model.branch_parameters(exit_layer) * model.embed.element_size()
 
 
+def start_streams(
+    engine: Engine, n: int, exit_layer: int, batch: int, prompt: list[int] = PROMPT
+) -> list[str]:
+    """Queue `batch` greedy streams of n + 1 tokens (prompt + [i] each) and run their prefills
+    and first tokens (one step, not timed); returns their ids."""
+    params = SamplingParams(max_tokens=n + 1, ignore_eos=True)
+    ids = [engine.add_request([*prompt, i], params, exit_layer) for i in range(batch)]
+    engine.step()  # prefill + first token
+    return ids
+
+
 def decode_rate(
     engine: Engine, n: int, exit_layer: int, batch: int = 1, pages: list[int] | None = None
 ) -> float:
     """Aggregate decode tokens/s over `batch` concurrent greedy streams (prefill excluded);
     `pages` gets the most KV pages the pool had taken at once."""
-    ids = [
-        engine.add_request(
-            [*PROMPT, i], SamplingParams(max_tokens=n + 1, ignore_eos=True), exit_layer
-        )
-        for i in range(batch)
-    ]
-    engine.step()  # prefill + first token
+    ids = start_streams(engine, n, exit_layer, batch)
     allocator = engine.scheduler.allocator
     most = allocator.num_used if allocator else 0
     t = time.perf_counter()
@@ -89,10 +94,7 @@ def attention_rates(
     per sequence (`RUYIFLOW_CPU_ATTENTION=off`), alternating step by step in one engine: from
     each side's median step."""
     engine = Engine(loaded, max_batch=batch)
-    for i in range(batch):
-        params = SamplingParams(max_tokens=n + 1, ignore_eos=True)
-        engine.add_request([*prompt, i], params, exit_layer)
-    engine.step()  # prefill + first token
+    start_streams(engine, n, exit_layer, batch, prompt)
     times: dict[str, list[float]] = {"auto": [], "off": []}
     saved = os.environ.get(cpu_attention.ENV_SWITCH)
     try:
