@@ -162,8 +162,9 @@ def test_sigterm_drains_and_exits(tmp_path) -> None:
     ports = {"router.listen": free_port(), "router.metrics": free_port()}
     path = tmp_path / "topology.yaml"
     path.write_text(topology_text(DEFAULT_NODES, ports))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ruyiflow.router.daemon", "--topology", str(path)],
+    daemon = [sys.executable, "-X", "faulthandler", "-m", "ruyiflow.router.daemon"]
+    process = subprocess.Popen(  # faulthandler: a hang below dumps every thread's stack
+        [*daemon, "--topology", str(path)],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -174,7 +175,13 @@ def test_sigterm_drains_and_exits(tmp_path) -> None:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         process.send_signal(signal.SIGTERM)
         # ~1 s alone; the bound is for a machine the parallel suite keeps busy
-        assert process.wait(timeout=30) == 0
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)  # seen once under load: say where it waits
+            stacks = process.communicate(timeout=10)[1]
+            pytest.fail(f"the router did not exit 30 s after SIGTERM; its stderr:\n{stacks}")
+        assert code == 0
         assert "router stopped" in process.stderr.read()
     finally:
         process.kill()
