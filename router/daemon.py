@@ -196,7 +196,11 @@ def run_router(
     daemon = RouterDaemon(topology, **addresses).start()
     if ready_event is not None:
         ready_event.set()
-    stop.wait()
+    # Wake every 0.5 s, as the node and `up` do: a SIGTERM the kernel hands to one of gRPC's
+    # threads only flags the Python handler, which runs when the main thread next runs bytecode;
+    # a bare wait() never returned then (seen under load: no "draining" line, 30 s, killed).
+    while not stop.wait(0.5):
+        pass
     daemon.stop()
 
 
